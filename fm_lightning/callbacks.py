@@ -1,0 +1,453 @@
+"""FeatureMapCallback: log what chosen layers of any LightningModule see, once per validation.
+
+    from fm_lightning import FeatureMapCallback
+    trainer = lightning.Trainer(callbacks=[FeatureMapCallback(layers=["conv1", "conv2"])])
+
+or, from any LightningCLI script, by class path alone:
+
+    python train.py --trainer.callbacks+=fm_lightning.FeatureMapCallback \
+        --trainer.callbacks.layers=[conv1]
+
+How it works: the first validation batches give a fixed probe of ``num_images`` inputs (kept in the
+callback's ``state_dict``, so it survives resuming). At the end of a captured validation run, the
+probe goes through the model once more, in eval mode and without gradients, with forward hooks on
+the chosen layers for that pass only. The hooks pick the channels that will be drawn on the device
+and only those leave it; rank zero renders them (``fm_lightning.rendering``) and hands them to the
+Trainer's loggers (W&B, TensorBoard) or to PNG files. Nothing here can stop training: a failure
+warns once per cause and the run goes on (``strict=True`` raises instead).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import matplotlib
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from fm_lightning import rendering
+from fm_lightning.files import save_png
+
+# Keys tried, in order, when a batch is a dict and no input_key/input_fn was given.
+_DICT_INPUT_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
+_NORMALIZE_MODES = ("channel", "layer")
+_ORDERS = ("index", "activation")
+
+
+class FeatureMapCallback(Callback):
+    """Logs activation grids of chosen layers for a fixed set of validation images.
+
+    Args:
+        layers: names from ``model.named_modules()`` or glob patterns (``"conv*"``,
+            ``"layer1.*.conv1"``), relative to the LightningModule.
+        every_n_epochs: capture on epochs 0, n, 2n, ... (at most once per epoch).
+        num_images: probe images, taken from the first validation batches.
+        max_channels: channels drawn per layer (rows are images, columns channels).
+        save_dir: where PNGs go. ``None``: ``<log dir>/feature_maps``, written only when no
+            W&B or TensorBoard logger is attached. Set it to always write PNGs.
+        normalize: ``"channel"`` scales each map to its own range; ``"layer"`` shares one range
+            per image across channels, so magnitudes compare.
+        cmap: a matplotlib colormap name.
+        order: ``"index"`` draws the first channels; ``"activation"`` the most active first.
+        input_key: where the input is in a batch: a dict key or a tuple index. Default: the
+            batch itself, its first element, or a usual dict key (``"image"``, ``"x"``, ...).
+        input_fn: a function ``batch -> input tensor``, for batches ``input_key`` can't reach.
+        log_stats: also log per-layer mean, std, fraction of zeros and dead channels as scalars.
+        strict: raise on failures instead of warning once and carrying on.
+
+    Example:
+        >>> cb = FeatureMapCallback(layers=["conv1", "conv2"], num_images=4, order="activation")
+        >>> cb.layers
+        ['conv1', 'conv2']
+    """
+
+    def __init__(
+        self,
+        layers: str | Sequence[str],
+        every_n_epochs: int = 1,
+        num_images: int = 4,
+        max_channels: int = 32,
+        save_dir: str | None = None,
+        normalize: str = "channel",
+        cmap: str = "viridis",
+        order: str = "index",
+        input_key: str | int | None = None,
+        input_fn: Callable[[Any], torch.Tensor] | None = None,
+        log_stats: bool = True,
+        strict: bool = False,
+    ) -> None:
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        if not layers or not all(isinstance(name, str) and name for name in layers):
+            raise ValueError(f"expected `layers` to be non-empty layer names, got {layers!r}")
+        for arg, value in (
+            ("every_n_epochs", every_n_epochs),
+            ("num_images", num_images),
+            ("max_channels", max_channels),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"expected `{arg}` to be an int >= 1, got {value!r}")
+        if normalize not in _NORMALIZE_MODES:
+            raise ValueError(f"expected `normalize` in {_NORMALIZE_MODES}, got {normalize!r}")
+        if order not in _ORDERS:
+            raise ValueError(f"expected `order` in {_ORDERS}, got {order!r}")
+        if cmap not in matplotlib.colormaps:
+            close = difflib.get_close_matches(cmap, list(matplotlib.colormaps), n=3)
+            raise ValueError(f"expected a matplotlib colormap name, got {cmap!r} (close: {close})")
+        if input_key is not None and input_fn is not None:
+            raise ValueError("expected at most one of `input_key` and `input_fn`, got both")
+        if input_fn is not None and not callable(input_fn):
+            raise ValueError(f"expected `input_fn` to be callable, got {type(input_fn).__name__}")
+
+        self.layers = layers
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.max_channels = max_channels
+        self.save_dir = save_dir
+        self.normalize = normalize
+        self.cmap = cmap
+        self.order = order
+        self.input_key = input_key
+        self.input_fn = input_fn
+        self.log_stats = log_stats
+        self.strict = strict
+
+        self.probe: torch.Tensor | None = None  # (N, ...) on the model's device once complete
+        self._probe_parts: list[torch.Tensor] = []
+        self._modules: dict[str, nn.Module] = {}  # resolved in setup()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._captures: dict[str, dict[str, Any]] = {}  # filled by the hooks of one capture
+        self._last_epoch: int | None = None
+        self._warned: set[str] = set()
+        self._disabled = False
+        self.local_dir: str | None = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._modules = resolve_layers(pl_module, self.layers)
+        has_image_logger = any(
+            isinstance(lg, (WandbLogger, TensorBoardLogger)) for lg in trainer.loggers
+        )
+        if self.save_dir is not None:
+            self.local_dir = self.save_dir
+        elif not has_image_logger:
+            # trainer.log_dir broadcasts, so every rank must ask, and here every rank does.
+            self.local_dir = os.path.join(
+                trainer.log_dir or trainer.default_root_dir, "feature_maps"
+            )
+        if stage == "fit" and trainer.limit_val_batches == 0:
+            rank_zero_warn(
+                "FeatureMapCallback: validation is disabled (limit_val_batches=0), "
+                "so no feature maps will be logged."
+            )
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # An unfinished probe (say, from the short sanity check) starts over, so no image repeats.
+        if self.probe is None:
+            self._probe_parts = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.probe is not None or self._disabled or dataloader_idx != 0:
+            return
+        try:
+            x = self._extract_input(batch)
+        except Exception as err:  # a misread batch must not stop validation
+            self._fail("input", err, disable=True)
+            return
+        have = sum(len(part) for part in self._probe_parts)
+        self._probe_parts.append(x[: self.num_images - have].detach().clone())
+        if have + len(self._probe_parts[-1]) >= self.num_images:
+            self.probe = torch.cat(self._probe_parts)
+            self._probe_parts = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if (
+            trainer.sanity_checking
+            or self._disabled
+            or epoch % self.every_n_epochs != 0
+            or epoch == self._last_epoch
+        ):
+            return
+        if self.probe is None and self._probe_parts:  # validation had fewer images than asked
+            self.probe = torch.cat(self._probe_parts)
+            self._probe_parts = []
+            rank_zero_warn(
+                f"FeatureMapCallback: validation gave only {len(self.probe)} of "
+                f"num_images={self.num_images} probe images."
+            )
+        if self.probe is None:
+            return
+        self._last_epoch = epoch
+        # Ranks see different validation shards; rank zero's probe is the one drawn and saved.
+        self.probe = trainer.strategy.broadcast(self.probe, src=0).to(pl_module.device)
+        try:
+            self._capture(trainer, pl_module)
+        except Exception as err:
+            self._fail("capture", err)
+            return
+        if trainer.is_global_zero:
+            self._log(trainer, epoch)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probe": None if self.probe is None else self.probe.cpu()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.probe = state_dict.get("probe")
+        self._probe_parts = []
+
+    # ------------------------------------------------------------------ capture
+
+    def _extract_input(self, batch: Any) -> torch.Tensor:
+        if self.input_fn is not None:
+            x = self.input_fn(batch)
+        elif self.input_key is not None:
+            x = batch[self.input_key]
+        elif isinstance(batch, torch.Tensor):
+            x = batch
+        elif isinstance(batch, (tuple, list)) and batch:
+            x = batch[0]
+        elif isinstance(batch, Mapping):
+            key = next((k for k in _DICT_INPUT_KEYS if k in batch), None)
+            if key is None:
+                raise KeyError(
+                    f"expected the batch dict to hold one of {_DICT_INPUT_KEYS}, got keys "
+                    f"{list(batch)}; pass FeatureMapCallback(input_key=...) or input_fn=..."
+                )
+            x = batch[key]
+        else:
+            raise TypeError(
+                "expected a batch that is a Tensor, tuple, list or dict, got "
+                f"{type(batch).__name__}; pass FeatureMapCallback(input_fn=...) to pick the input"
+            )
+        if not isinstance(x, torch.Tensor) or x.ndim < 2:
+            raise TypeError(
+                f"expected the model input to be a batched Tensor (N, ...), got {_describe(x)}"
+            )
+        return x
+
+    def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One forward pass of the probe with hooks on the chosen layers; fills self._captures."""
+        self._captures = {}
+        # Only rank zero draws, but every rank runs the forward so sharded models stay in step.
+        if trainer.is_global_zero:
+            for name, module in self._modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        modes = {m: m.training for m in pl_module.modules()}
+        try:
+            pl_module.eval()
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                pl_module(self.probe)
+        finally:
+            self._remove_hooks()
+            for module, training in modes.items():
+                module.train(training)
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            # A module called twice in one forward (SimpleCNN's shared `pool`) is drawn per call.
+            key = name
+            calls = 1
+            while key in self._captures:
+                calls += 1
+                key = f"{name}@{calls}"
+            act = rendering.first_tensor(output)
+            if act is None:
+                self._captures[key] = {"error": f"output is {_describe(output)}, not a tensor"}
+                return
+            act = act.detach()
+            channels = None
+            if act.ndim == 4:  # (N, C, H, W): pick the drawn channels here, on the device
+                channels = rendering.select_channels(act, self.max_channels, self.order)
+                drawn = act.index_select(1, channels)
+            else:
+                drawn = act
+            self._captures[key] = {
+                "act": drawn.float().cpu(),
+                "channels": None if channels is None else channels.cpu(),
+                "stats": rendering.activation_stats(act) if self.log_stats else {},
+            }
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ rendering and logging
+
+    def _log(self, trainer: pl.Trainer, epoch: int) -> None:
+        """Rank zero: render every captured layer and hand the images to each destination."""
+        # The step Lightning itself logs validation metrics at, so images line up with them.
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        images: dict[str, Any] = {}  # tag -> uint8 (H, W, 3)
+        captions: dict[str, str] = {}
+        scalars: dict[str, float] = {}
+        for name, cap in self._captures.items():
+            if "error" in cap:
+                self._warn_once(
+                    f"skip:{name}", f"FeatureMapCallback: skipping layer {name!r}: {cap['error']}."
+                )
+                continue
+            try:
+                grid = rendering.feature_grid(
+                    cap["act"],
+                    max_channels=self.max_channels,
+                    normalize=self.normalize,
+                    cmap=self.cmap,
+                    order=self.order,
+                    channels=cap["channels"],
+                )
+            except rendering.UnsupportedActivationError as err:
+                self._warn_once(
+                    f"skip:{name}", f"FeatureMapCallback: skipping layer {name!r}: {err}."
+                )
+                continue
+            except Exception as err:
+                self._fail("render", err)
+                continue
+            images[f"feature_maps/{name}"] = grid
+            captions[f"feature_maps/{name}"] = f"epoch {epoch}, step {step}, {_channels_text(cap)}"
+            for stat, value in cap["stats"].items():
+                scalars[f"feature_stats/{name}/{stat}"] = value
+        self._captures = {}
+        try:
+            inputs = rendering.image_grid(self.probe.float().cpu())
+        except Exception as err:
+            self._fail("render", err)
+            inputs = None
+        if inputs is not None:
+            images["probe_inputs"] = inputs
+            captions["probe_inputs"] = f"{len(self.probe)} fixed validation inputs"
+
+        for logger in trainer.loggers:
+            try:
+                if isinstance(logger, WandbLogger):
+                    self._log_wandb(logger, images, captions, scalars, step)
+                    continue
+                if isinstance(logger, TensorBoardLogger):
+                    for tag, img in images.items():
+                        logger.experiment.add_image(tag, img, global_step=step, dataformats="HWC")
+                if scalars:
+                    logger.log_metrics(scalars, step=step)
+            except Exception as err:
+                self._fail(type(logger).__name__, err)
+        if self.local_dir is not None:
+            try:
+                self._save_local(images, epoch)
+            except Exception as err:
+                self._fail("files", err)
+
+    @staticmethod
+    def _log_wandb(logger: WandbLogger, images, captions, scalars, step: int) -> None:
+        import wandb
+
+        # One call, so images, stats and the step land in a single W&B history row.
+        # wandb reads a torch tensor as (C, H, W); a uint8 numpy (H, W, 3) array is drawn as-is.
+        row: dict[str, Any] = {
+            tag: wandb.Image(np.asarray(img), caption=captions[tag]) for tag, img in images.items()
+        }
+        logger.log_metrics({**row, **scalars}, step=step)
+
+    def _save_local(self, images: dict[str, Any], epoch: int) -> None:
+        for tag, img in images.items():
+            if tag == "probe_inputs":
+                path = os.path.join(self.local_dir, "probe_inputs.png")
+            else:
+                layer = _safe_path_part(tag.removeprefix("feature_maps/"))
+                path = os.path.join(self.local_dir, layer, f"epoch={epoch:03d}.png")
+            save_png(img, path)
+
+    # ------------------------------------------------------------------ failures
+
+    def _fail(self, cause: str, err: Exception, disable: bool = False) -> None:
+        if self.strict:
+            raise err
+        self._disabled = self._disabled or disable
+        what = "is turned off for this run" if disable else "goes on"
+        self._warn_once(
+            f"{cause}:{type(err).__name__}",
+            f"FeatureMapCallback: {cause} failed ({type(err).__name__}: {err}); training goes on "
+            f"and the callback {what}. Pass strict=True to raise instead.",
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if self.strict:
+            raise RuntimeError(message)
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+
+def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:
+    """Map exact names and glob patterns to ``{name: module}``, in ``named_modules()`` order.
+
+    Names are those of ``model.named_modules()``. A LightningModule usually holds its network in
+    one attribute (``self.net``), so a pattern that matches no full name is also tried without
+    that first part: ``conv1`` finds ``net.conv1`` and is reported as ``conv1``.
+
+    Raises:
+        ValueError: a pattern matches no layer; the message lists the layers and the closest names.
+    """
+    named = {name: module for name, module in model.named_modules() if name}
+    chosen: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        hits = {name: named[name] for name in named if fnmatch.fnmatchcase(name, pattern)}
+        if not hits:  # try names relative to a direct child: "net.conv1" -> "conv1"
+            hits = {
+                name.split(".", 1)[1]: module
+                for name, module in named.items()
+                if "." in name and fnmatch.fnmatchcase(name.split(".", 1)[1], pattern)
+            }
+        if not hits:
+            relative = [name.split(".", 1)[1] for name in named if "." in name]
+            close = difflib.get_close_matches(pattern, [*named, *relative], n=3, cutoff=0.5)
+            hint = f" Closest: {', '.join(close)}." if close else ""
+            raise ValueError(
+                f"FeatureMapCallback: layer {pattern!r} matches nothing in {type(model).__name__}."
+                f"{hint} Available layers: {', '.join(named) or '(none)'}."
+            )
+        chosen.update(hits)
+    order = {module: i for i, module in enumerate(named.values())}
+    return dict(sorted(chosen.items(), key=lambda item: order[item[1]]))
+
+
+def _channels_text(cap: dict[str, Any]) -> str:
+    if cap["channels"] is None:
+        return f"{cap['act'].shape[-1]} features"
+    shown = cap["channels"].tolist()
+    if shown == list(range(shown[0], shown[0] + len(shown))):
+        return f"channels {shown[0]}-{shown[-1]}"
+    return "channels " + ",".join(map(str, shown))
+
+
+def _safe_path_part(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@-]", "_", name)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor of shape {tuple(obj.shape)}"
+    return type(obj).__name__

@@ -1,0 +1,42 @@
+"""Fit SimpleCNN on random data with Lightning DDP on CPU (2 processes) and FeatureMapCallback.
+
+python tests/scripts/ddp_fit.py OUT_DIR
+"""
+
+import sys
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN
+
+
+def loader(seed):
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(
+        torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+    )
+    return DataLoader(data, batch_size=8)
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    cb = FeatureMapCallback(layers=["conv1", "conv2"], num_images=4, save_dir=f"{out}/maps")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        logger=TensorBoardLogger(out, name="tb", version=0),
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(ImageClassifier(SimpleCNN()), loader(0), loader(1))
+    # Every rank prints what it drew with, so the test can check all ranks agree on the probe.
+    print(f"rank={trainer.global_rank} probe_sum={cb.probe.sum().item():.6f}", flush=True)

@@ -1,0 +1,493 @@
+"""FeatureMapCallback with real Trainers, loggers and files (random data, seconds each)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_loader, tiny_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN
+from fm_lightning.callbacks import resolve_layers
+
+
+def _pngs(root) -> list[str]:
+    return sorted(glob.glob(os.path.join(str(root), "**", "*.png"), recursive=True))
+
+
+def _assert_not_blank(path) -> np.ndarray:
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.ndim == 3 and img.shape[2] == 3
+    assert img.std() > 5, f"{path} looks blank (std {img.std():.2f})"
+    return img
+
+
+def _fit(tmp_path, cb, logger=None, model=None, train=None, val=None, **kwargs):
+    model = model if model is not None else ImageClassifier(SimpleCNN())
+    trainer = tiny_trainer(tmp_path, [cb, *kwargs.pop("extra_callbacks", [])], logger, **kwargs)
+    trainer.fit(
+        model,
+        train if train is not None else random_loader(),
+        val if val is not None else random_loader(seed=1),
+    )
+    return trainer, model
+
+
+# ---------------------------------------------------------------- constructor and layer names
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layers=[]), "expected `layers`"),
+        (dict(layers=["conv1", 3]), "expected `layers`"),
+        (
+            dict(layers="conv1", every_n_epochs=0),
+            "expected `every_n_epochs` to be an int >= 1, got 0",
+        ),
+        (dict(layers="conv1", num_images=2.5), "expected `num_images`"),
+        (dict(layers="conv1", max_channels=True), "expected `max_channels`"),
+        (dict(layers="conv1", normalize="global"), "expected `normalize` in"),
+        (dict(layers="conv1", order="random"), "expected `order` in"),
+        (dict(layers="conv1", cmap="viridiss"), "close: ['viridis'"),
+        (dict(layers="conv1", input_key="x", input_fn=lambda b: b), "at most one of"),
+        (dict(layers="conv1", input_fn="not callable"), "expected `input_fn` to be callable"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        FeatureMapCallback(**kwargs)
+    assert message in str(err.value)
+
+
+def test_layer_patterns_resolve_relative_to_the_wrapped_net():
+    model = ImageClassifier(SimpleCNN())
+    assert list(resolve_layers(model, ["conv*"])) == ["conv1", "conv2"]
+    # named_modules() order, whatever order they were asked in
+    assert list(resolve_layers(model, ["net.fc2", "conv1"])) == ["conv1", "net.fc2"]
+    assert resolve_layers(model, ["pool"])["pool"] is model.net.pool
+
+
+def test_unknown_layer_lists_available_and_closest(tmp_path):
+    cb = FeatureMapCallback(layers=["conv3"])
+    with pytest.raises(ValueError) as err:
+        _fit(tmp_path, cb)
+    msg = str(err.value)
+    assert "'conv3' matches nothing in ImageClassifier" in msg
+    assert "Closest: conv1, conv2" in msg or "Closest: conv2, conv1" in msg
+    assert "Available layers: net, net.conv1, net.pool, net.conv2, net.fc1" in msg
+
+
+# ---------------------------------------------------------------- destinations
+
+
+def test_local_pngs_one_per_layer_per_captured_epoch(tmp_path):
+    cb = FeatureMapCallback(layers=["conv1", "conv2"], every_n_epochs=2, num_images=3)
+    _fit(tmp_path, cb, logger=CSVLogger(tmp_path, name="run"), max_epochs=5)
+    root = os.path.join(tmp_path, "run", "version_0", "feature_maps")
+    assert cb.local_dir == root
+    names = [os.path.relpath(p, root) for p in _pngs(root)]
+    # epochs 0, 2, 4 captured; the sanity check and epochs 1, 3 are not
+    assert names == [
+        "conv1/epoch=000.png",
+        "conv1/epoch=002.png",
+        "conv1/epoch=004.png",
+        "conv2/epoch=000.png",
+        "conv2/epoch=002.png",
+        "conv2/epoch=004.png",
+        "probe_inputs.png",
+    ]
+    for path in _pngs(root):
+        _assert_not_blank(path)
+    # 3 probe images -> 3 rows of 16 conv1 channels (24x24 maps upscaled, 1 px padding)
+    conv1 = np.asarray(Image.open(os.path.join(root, "conv1", "epoch=000.png")))
+    assert conv1.shape[0] < conv1.shape[1]  # 3 rows, 16 columns
+
+
+def test_stats_are_logged_on_the_validation_step(tmp_path):
+    cb = FeatureMapCallback(layers=["conv1"])
+    trainer, _ = _fit(tmp_path, cb, logger=CSVLogger(tmp_path, name="run"), max_epochs=2)
+    with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    val_steps = {r["step"] for r in rows if r.get("val/acc")}
+    stat_steps = {r["step"] for r in rows if r.get("feature_stats/conv1/dead_channels")}
+    assert len(stat_steps) == 2 and stat_steps == val_steps
+    for key in ("mean", "std", "frac_zero", "dead_channels"):
+        assert any(r.get(f"feature_stats/conv1/{key}") for r in rows)
+
+
+def test_tensorboard_event_files_hold_the_images(tmp_path):
+    cb = FeatureMapCallback(layers=["conv1", "fc2"])
+    trainer, _ = _fit(tmp_path, cb, logger=TensorBoardLogger(tmp_path, name="tb"), max_epochs=2)
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()["images"]
+    assert {"feature_maps/conv1", "feature_maps/fc2", "probe_inputs"} <= set(tags)
+    events = acc.Images("feature_maps/conv1")
+    assert len(events) == 2  # epochs 0 and 1, none from the sanity check
+    assert events[0].width > 0 and events[0].height > 0
+    assert cb.local_dir is None and not _pngs(tmp_path)  # an image logger: no PNGs unless asked
+
+
+def test_wandb_offline_run_holds_non_blank_images(tmp_path):
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fm-test")
+    cb = FeatureMapCallback(layers=["conv1", "conv2"], num_images=2)
+    _fit(tmp_path, cb, logger=logger, max_epochs=3)
+    run_dir = os.path.dirname(logger.experiment.dir)
+    logger.experiment.finish()
+    assert os.path.basename(run_dir).startswith("offline-run-")
+    media = os.path.join(run_dir, "files", "media", "images")
+    for layer in ("conv1", "conv2"):
+        files = sorted(glob.glob(os.path.join(media, "feature_maps", f"{layer}_*.png")))
+        assert len(files) == 3, files  # one per epoch, none from the sanity check
+        for path in files:
+            img = _assert_not_blank(path)
+            assert img.dtype == np.uint8
+    assert len(glob.glob(os.path.join(media, "probe_inputs_*.png"))) == 3
+
+
+def test_save_dir_writes_pngs_next_to_an_image_logger(tmp_path):
+    cb = FeatureMapCallback(layers=["conv2"], save_dir=str(tmp_path / "maps"))
+    _fit(tmp_path, cb, logger=TensorBoardLogger(tmp_path, name="tb"), max_epochs=1)
+    assert [os.path.basename(p) for p in _pngs(tmp_path / "maps")] == [
+        "epoch=000.png",
+        "probe_inputs.png",
+    ]
+
+
+# ---------------------------------------------------------------- capture mechanics
+
+
+class _HookSpy(ImageClassifier):
+    """Records how many forward hooks conv1 carries during every training and validation step."""
+
+    def __init__(self):
+        super().__init__(SimpleCNN())
+        self.hooks_seen = []
+        self.modes_in_forward = []
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            self.modes_in_forward.append(self.training)
+        return super().forward(x)
+
+    def training_step(self, batch, batch_idx):
+        self.hooks_seen.append(len(self.net.conv1._forward_hooks))
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.hooks_seen.append(len(self.net.conv1._forward_hooks))
+        return super().validation_step(batch, batch_idx)
+
+
+def test_hooks_live_only_for_the_probe_pass_and_modes_are_restored(tmp_path):
+    model = _HookSpy()
+    model.net.fc1.eval()  # a user's deliberately frozen submodule must stay in eval
+    cb = FeatureMapCallback(layers=["conv*", "fc1"])
+    _fit(tmp_path, cb, model=model, max_epochs=2)
+    assert model.hooks_seen and set(model.hooks_seen) == {0}
+    assert all(not m._forward_hooks for m in model.modules())
+    assert model.modes_in_forward and not any(model.modes_in_forward)  # probe ran in eval mode
+    assert not model.net.fc1.training and model.net.conv1.training
+
+
+def test_probe_is_deterministic_and_survives_resume(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = FeatureMapCallback(layers=["conv1"], num_images=5)
+    trainer, _ = _fit(tmp_path, cb, extra_callbacks=[ckpt], enable_checkpointing=True, max_epochs=1)
+    probe = cb.probe.cpu()
+    assert probe.shape == (5, 1, 28, 28)
+    assert torch.equal(probe, random_loader(seed=1).dataset.tensors[0][:5])
+
+    # Resume with validation data that has changed: the saved probe is still the one drawn.
+    resumed = FeatureMapCallback(layers=["conv1"], num_images=5)
+    trainer = tiny_trainer(tmp_path, [resumed], max_epochs=2)
+    trainer.fit(
+        ImageClassifier(SimpleCNN()),
+        random_loader(),
+        random_loader(seed=7),
+        ckpt_path=ckpt.last_model_path,
+    )
+    assert torch.equal(resumed.probe.cpu(), probe)
+    assert resumed.state_dict()["probe"].device.type == "cpu"
+
+
+def test_probe_spans_several_batches_and_short_validation_warns(tmp_path):
+    cb = FeatureMapCallback(layers=["conv1"], num_images=12)
+    _fit(tmp_path, cb, val=random_loader(n=16, batch_size=5, seed=1), limit_val_batches=3)
+    assert cb.probe.shape[0] == 12
+
+    short = FeatureMapCallback(layers=["conv1"], num_images=12)
+    with pytest.warns(UserWarning, match="only 4 of num_images=12"):
+        _fit(tmp_path, short, val=random_loader(n=4, seed=1))
+    assert short.probe.shape[0] == 4
+
+
+def test_shared_module_called_twice_is_drawn_per_call(tmp_path):
+    cb = FeatureMapCallback(layers=["pool"], save_dir=str(tmp_path / "maps"))
+    _fit(tmp_path, cb, max_epochs=1)
+    layers = sorted(os.listdir(tmp_path / "maps"))
+    assert layers == ["pool", "pool@2", "probe_inputs.png"]
+
+
+def test_order_by_activation_reports_the_channels_drawn(tmp_path):
+    cb = FeatureMapCallback(layers=["conv2"], max_channels=4, order="activation")
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _fit(tmp_path, cb, logger=logger, max_epochs=1)
+    assert len(glob.glob(os.path.join(logger.log_dir, "events.*"))) == 1
+
+
+# ---------------------------------------------------------------- batches that are not (x, y)
+
+
+class _DictClassifier(ImageClassifier):
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["pixels"], batch["label"]), batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        return super().validation_step((batch["pixels"], batch["label"]), batch_idx)
+
+
+def _dict_loader(seed):
+    base = random_loader(seed=seed).dataset
+    items = [{"pixels": x, "label": y} for x, y in base]
+    return torch.utils.data.DataLoader(items, batch_size=8)
+
+
+@pytest.mark.parametrize(
+    "how", [dict(input_key="pixels"), dict(input_fn=lambda batch: batch["pixels"])]
+)
+def test_dict_batches_with_input_key_or_fn(tmp_path, how):
+    cb = FeatureMapCallback(layers=["conv1"], save_dir=str(tmp_path / "maps"), **how)
+    _fit(
+        tmp_path, cb, model=_DictClassifier(SimpleCNN()), train=_dict_loader(0), val=_dict_loader(1)
+    )
+    assert len(_pngs(tmp_path / "maps" / "conv1")) == 2
+
+
+def test_unreadable_batch_warns_once_and_training_goes_on(tmp_path):
+    cb = FeatureMapCallback(layers=["conv1"], save_dir=str(tmp_path / "maps"))
+    with pytest.warns(UserWarning, match="expected the batch dict to hold one of") as record:
+        trainer, _ = _fit(
+            tmp_path,
+            cb,
+            model=_DictClassifier(SimpleCNN()),
+            train=_dict_loader(0),
+            val=_dict_loader(1),
+        )
+    assert sum("FeatureMapCallback" in str(w.message) for w in record) == 1
+    assert trainer.current_epoch == 2 and not _pngs(tmp_path / "maps")
+
+    strict = FeatureMapCallback(layers=["conv1"], strict=True)
+    with pytest.raises(KeyError, match="input_key"):
+        _fit(
+            tmp_path,
+            strict,
+            model=_DictClassifier(SimpleCNN()),
+            train=_dict_loader(0),
+            val=_dict_loader(1),
+        )
+
+
+# ---------------------------------------------------------------- failures never stop training
+
+
+class _BrokenTensorBoard(TensorBoardLogger):
+    """A real TensorBoardLogger whose image upload fails, as a full disk or dead service would."""
+
+    def log_metrics(self, metrics, step=None):
+        if any(k.startswith("feature_stats/") for k in metrics):
+            raise OSError("No space left on device")
+        super().log_metrics(metrics, step)
+
+
+def test_logger_failure_warns_once_and_keeps_checkpoints(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = FeatureMapCallback(layers=["conv1"])
+    logger = _BrokenTensorBoard(tmp_path, name="tb")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer, _ = _fit(
+            tmp_path,
+            cb,
+            logger=logger,
+            extra_callbacks=[ckpt],
+            enable_checkpointing=True,
+            max_epochs=3,
+        )
+    ours = [str(w.message) for w in record if "FeatureMapCallback" in str(w.message)]
+    assert len(ours) == 1 and "No space left on device" in ours[0]
+    assert trainer.current_epoch == 3
+    assert os.path.isfile(ckpt.last_model_path)
+
+
+def test_disk_failure_warns_once_and_strict_raises(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the maps directory should be")
+    cb = FeatureMapCallback(layers=["conv1"], save_dir=str(blocker))
+    with pytest.warns(UserWarning, match="files failed") as record:
+        trainer, _ = _fit(tmp_path, cb, max_epochs=2)
+    assert sum("FeatureMapCallback" in str(w.message) for w in record) == 1
+    assert trainer.current_epoch == 2
+
+    strict = FeatureMapCallback(layers=["conv1"], save_dir=str(blocker), strict=True)
+    with pytest.raises(OSError):
+        _fit(tmp_path, strict, max_epochs=1)
+
+
+class _NaNHalf(nn.Module):
+    """Passes its input on with the left half of every map set to NaN."""
+
+    def forward(self, x):
+        x = x.clone()
+        x[..., : x.shape[-1] // 2] = float("nan")
+        return x
+
+
+def test_nan_activations_still_render(tmp_path):
+    net = SimpleCNN()
+    net.conv1 = nn.Sequential(net.conv1, _NaNHalf())
+    cb = FeatureMapCallback(layers=["conv1.1"], save_dir=str(tmp_path / "maps"))
+    model = ImageClassifier(net)
+    trainer = tiny_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=0)
+    trainer.validate(model, random_loader(seed=1))
+    (png,) = _pngs(tmp_path / "maps" / "conv1.1")
+    _assert_not_blank(png)
+
+
+class _TupleOut(nn.Module):
+    def forward(self, x):
+        return x, x.mean()
+
+
+class _DictOut(nn.Module):
+    def forward(self, x):
+        return {"features": x}
+
+
+def test_tuple_outputs_use_first_tensor_and_unsupported_warn_once(tmp_path):
+    net = SimpleCNN()
+    net.extra = nn.ModuleDict({"pair": _TupleOut(), "mapping": _DictOut()})
+    model = ImageClassifier(net)
+
+    def forward(x):
+        net.extra["pair"](x)
+        net.extra["mapping"](x)
+        return net(x)
+
+    model.forward = forward
+    cb = FeatureMapCallback(layers=["extra.*"], save_dir=str(tmp_path / "maps"))
+    with pytest.warns(UserWarning, match="skipping layer 'extra.mapping'") as record:
+        _fit(tmp_path, cb, model=model, max_epochs=2)
+    assert sum("extra.mapping" in str(w.message) for w in record) == 1
+    assert len(_pngs(tmp_path / "maps" / "extra.pair")) == 2
+    assert not os.path.exists(tmp_path / "maps" / "extra.mapping")
+
+
+# ---------------------------------------------------------------- models and data it has never seen
+
+
+def test_drops_into_torchvision_resnet18(tmp_path):
+    from torchvision.models import resnet18
+
+    cb = FeatureMapCallback(layers=["layer1.0.conv1", "layer4"], save_dir=str(tmp_path / "maps"))
+    model = ImageClassifier(resnet18(weights=None, num_classes=10))
+    data = dict(
+        train=random_loader(shape=(3, 32, 32)), val=random_loader(shape=(3, 32, 32), seed=1)
+    )
+    _fit(tmp_path, cb, model=model, max_epochs=1, **data)
+    for layer in ("layer1.0.conv1", "layer4"):
+        (png,) = _pngs(tmp_path / "maps" / layer)
+        img = _assert_not_blank(png) if layer != "layer4" else np.asarray(Image.open(png))
+        assert img.shape[2] == 3
+    _assert_not_blank(tmp_path / "maps" / "probe_inputs.png")
+
+
+def test_drops_into_a_linear_only_model(tmp_path):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+    cb = FeatureMapCallback(layers=["1", "2"], save_dir=str(tmp_path / "maps"))
+    _fit(tmp_path, cb, model=ImageClassifier(net), max_epochs=1)
+    for layer in ("1", "2"):
+        (png,) = _pngs(tmp_path / "maps" / layer)
+        _assert_not_blank(png)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_capture_matches_and_keeps_memory_flat(tmp_path):
+    cb = FeatureMapCallback(layers=["conv1", "conv2"], save_dir=str(tmp_path / "maps"))
+    trainer = tiny_trainer(tmp_path, [cb], max_epochs=3, accelerator="gpu", precision="16-mixed")
+    trainer.fit(ImageClassifier(SimpleCNN()), random_loader(), random_loader(seed=1))
+    assert cb.probe.device.type == "cuda"
+    assert len(_pngs(tmp_path / "maps" / "conv2")) == 3
+    for path in _pngs(tmp_path / "maps" / "conv1"):
+        _assert_not_blank(path)
+
+
+# ---------------------------------------------------------------- class path and DDP (subprocesses)
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
+
+
+def _run(args, cwd, timeout=300) -> str:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_a_plain_lightningcli_gets_it_by_class_path_alone(tmp_path):
+    script = os.path.join(SCRIPTS, "plain_cli.py")
+    assert "fm_lightning" not in open(script).read().split('"""', 2)[2]  # never imported
+    _run(
+        [
+            script,
+            "fit",
+            "--trainer.callbacks+=fm_lightning.FeatureMapCallback",
+            "--trainer.callbacks.layers=[conv1]",
+            "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    # LightningCLI's default logger is TensorBoard (installed here), so the images land there.
+    acc = EventAccumulator(
+        str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"images": 0}
+    )
+    acc.Reload()
+    assert len(acc.Images("feature_maps/conv1")) == 2
+    assert len(acc.Images("probe_inputs")) == 2
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_log_one_set_of_images(tmp_path):
+    out = _run([os.path.join(SCRIPTS, "ddp_fit.py"), str(tmp_path)], cwd=tmp_path)
+    probes = dict(line.split() for line in out.splitlines() if line.startswith("rank="))
+    assert set(probes) == {"rank=0", "rank=1"}
+    assert len(set(probes.values())) == 1, probes  # both ranks drew with rank zero's probe
+    names = [os.path.relpath(p, tmp_path / "maps") for p in _pngs(tmp_path / "maps")]
+    assert names == [
+        "conv1/epoch=000.png",
+        "conv1/epoch=001.png",
+        "conv2/epoch=000.png",
+        "conv2/epoch=001.png",
+        "probe_inputs.png",
+    ]
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0})
+    acc.Reload()
+    assert len(acc.Images("feature_maps/conv1")) == 2  # exactly one per captured epoch

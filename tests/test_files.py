@@ -1,0 +1,83 @@
+"""Atomic writes and PNG encoding (fm_lightning.files)."""
+
+import io
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fm_lightning.files import atomic_write, save_png, to_png_bytes
+from fm_lightning.rendering import feature_grid
+
+
+def test_atomic_write_failure_leaves_no_file(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_write(target) as f:
+            f.write(b"half of it")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+    # an existing file is left exactly as it was
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as f:
+            f.write(b"new")
+            raise RuntimeError("boom")
+    assert target.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [target]
+
+    with atomic_write(target) as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    # mkstemp would make them 0600: unreadable to a web server or a teammate.
+    umask = os.umask(0o022)
+    try:
+        save_png(np.zeros((2, 2, 3), np.uint8), tmp_path / "a.png")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.png").stat().st_mode) == 0o644
+
+
+def test_save_png_writes_readable_non_blank_png_atomically(tmp_path):
+    grid = feature_grid(torch.randn(2, 4, 8, 8))
+    path = tmp_path / "nested" / "dir" / "conv1.png"
+    assert save_png(grid, path) == path
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size == (grid.shape[1], grid.shape[0])
+        pixels = np.asarray(im.convert("RGB"))
+    assert np.array_equal(pixels, grid.numpy())
+    assert pixels.std() > 0
+    assert [p.name for p in path.parent.iterdir()] == ["conv1.png"]  # no temp file left
+
+
+def test_save_png_overwrites_and_accepts_numpy(tmp_path):
+    path = tmp_path / "img.png"
+    save_png(np.zeros((4, 5, 3), np.uint8), path)
+    save_png(np.full((6, 7, 3), 200, np.uint8), str(path))
+    with Image.open(path) as im:
+        assert im.size == (7, 6)
+    assert [p.name for p in tmp_path.iterdir()] == ["img.png"]
+
+
+def test_to_png_bytes_round_trips():
+    img = torch.randint(0, 256, (5, 9, 3), dtype=torch.uint8)
+    data = to_png_bytes(img)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(data)) as im:
+        assert np.array_equal(np.asarray(im), img.numpy())
+
+
+def test_to_png_bytes_rejects_bad_images():
+    with pytest.raises(TypeError, match="expected a uint8 image, got dtype float32"):
+        to_png_bytes(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) image, got shape \(4, 4\)"):
+        to_png_bytes(np.zeros((4, 4), np.uint8))
