@@ -7,7 +7,10 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test lint venv clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BROWSERS := chromium chromium-browser google-chrome google-chrome-stable
+
+.PHONY: train test lint venv browser clean
 
 venv: $(VENV)/.installed
 
@@ -19,8 +22,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 train: venv
 	$(PY) train.py $(ARGS)
 
-test: venv
+test: venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium for the gallery's browser tests, from Debian/Ubuntu packages when absent.
+# Without it those tests skip (and fail under CI, where $$CI is set).
+browser:
+	@for b in $(BROWSERS); do command -v $$b >/dev/null && exit 0; done; \
+	echo "installing chromium (apt-get) for the browser tests"; \
+	$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium \
+	  || echo "could not install chromium: the browser tests will be skipped"
 
 lint: venv
 	$(PY) -m ruff check .

@@ -12,9 +12,9 @@ How it works: the first validation batches give a fixed probe of ``num_images`` 
 callback's ``state_dict``, so it survives resuming). At the end of a captured validation run, the
 probe goes through the model once more, in eval mode and without gradients, with forward hooks on
 the chosen layers for that pass only. The hooks pick the channels that will be drawn on the device
-and only those leave it; rank zero renders them (``fm_lightning.rendering``) and hands them to the
-Trainer's loggers (W&B, TensorBoard) or to PNG files. Nothing here can stop training: a failure
-warns once per cause and the run goes on (``strict=True`` raises instead).
+and only those leave it; rank zero renders them (``fm_lightning.rendering``), hands them to the
+Trainer's loggers (W&B, TensorBoard) and writes them as PNG files. Nothing here can stop
+training: a failure warns once per cause and the run goes on (``strict=True`` raises instead).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -35,8 +34,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from fm_lightning import rendering
-from fm_lightning.files import save_png
+from fm_lightning import gallery, rendering
+from fm_lightning.files import safe_path_part, save_png
 
 # Keys tried, in order, when a batch is a dict and no input_key/input_fn was given.
 _DICT_INPUT_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
@@ -53,8 +52,8 @@ class FeatureMapCallback(Callback):
         every_n_epochs: capture on epochs 0, n, 2n, ... (at most once per epoch).
         num_images: probe images, taken from the first validation batches.
         max_channels: channels drawn per layer (rows are images, columns channels).
-        save_dir: where PNGs go. ``None``: ``<log dir>/feature_maps``, written only when no
-            W&B or TensorBoard logger is attached. Set it to always write PNGs.
+        save_dir: where the PNGs go (always written, whatever the loggers). ``None``:
+            ``<logger save_dir>/<name>/<version>/feature_maps``, beside the checkpoints.
         normalize: ``"channel"`` scales each map to its own range; ``"layer"`` shares one range
             per image across channels, so magnitudes compare.
         cmap: a matplotlib colormap name.
@@ -135,16 +134,7 @@ class FeatureMapCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._modules = resolve_layers(pl_module, self.layers)
-        has_image_logger = any(
-            isinstance(lg, (WandbLogger, TensorBoardLogger)) for lg in trainer.loggers
-        )
-        if self.save_dir is not None:
-            self.local_dir = self.save_dir
-        elif not has_image_logger:
-            # trainer.log_dir broadcasts, so every rank must ask, and here every rank does.
-            self.local_dir = os.path.join(
-                trainer.log_dir or trainer.default_root_dir, "feature_maps"
-            )
+        self.local_dir = self.save_dir or _default_local_dir(trainer)
         if stage == "fit" and trainer.limit_val_batches == 0:
             rank_zero_warn(
                 "FeatureMapCallback: validation is disabled (limit_val_batches=0), "
@@ -206,6 +196,22 @@ class FeatureMapCallback(Callback):
             return
         if trainer.is_global_zero:
             self._log(trainer, epoch)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One GIF per layer across the captured epochs, written locally and sent to W&B."""
+        if not trainer.is_global_zero or self._last_epoch is None:
+            return
+        try:
+            gifs = gallery.write_gifs(self.local_dir)
+        except Exception as err:
+            self._fail("files", err)  # the same cause as the PNGs: warned about once
+            return
+        for logger in trainer.loggers:
+            if gifs and isinstance(logger, WandbLogger):
+                try:
+                    self._log_wandb_gifs(logger, gifs, _logging_step(trainer))
+                except Exception as err:
+                    self._fail(type(logger).__name__, err)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -300,11 +306,11 @@ class FeatureMapCallback(Callback):
 
     def _log(self, trainer: pl.Trainer, epoch: int) -> None:
         """Rank zero: render every captured layer and hand the images to each destination."""
-        # The step Lightning itself logs validation metrics at, so images line up with them.
-        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        step = _logging_step(trainer)
         images: dict[str, Any] = {}  # tag -> uint8 (H, W, 3)
         captions: dict[str, str] = {}
         scalars: dict[str, float] = {}
+        layer_stats: dict[str, dict[str, float]] = {}
         for name, cap in self._captures.items():
             if "error" in cap:
                 self._warn_once(
@@ -330,6 +336,7 @@ class FeatureMapCallback(Callback):
                 continue
             images[f"feature_maps/{name}"] = grid
             captions[f"feature_maps/{name}"] = f"epoch {epoch}, step {step}, {_channels_text(cap)}"
+            layer_stats[name] = cap["stats"]
             for stat, value in cap["stats"].items():
                 scalars[f"feature_stats/{name}/{stat}"] = value
         self._captures = {}
@@ -354,11 +361,10 @@ class FeatureMapCallback(Callback):
                     logger.log_metrics(scalars, step=step)
             except Exception as err:
                 self._fail(type(logger).__name__, err)
-        if self.local_dir is not None:
-            try:
-                self._save_local(images, epoch)
-            except Exception as err:
-                self._fail("files", err)
+        try:
+            self._save_local(images, layer_stats, epoch)
+        except Exception as err:
+            self._fail("files", err)
 
     @staticmethod
     def _log_wandb(logger: WandbLogger, images, captions, scalars, step: int) -> None:
@@ -371,14 +377,29 @@ class FeatureMapCallback(Callback):
         }
         logger.log_metrics({**row, **scalars}, step=step)
 
-    def _save_local(self, images: dict[str, Any], epoch: int) -> None:
+    @staticmethod
+    def _log_wandb_gifs(logger: WandbLogger, gifs: dict[str, os.PathLike], step: int) -> None:
+        import wandb
+
+        videos = {
+            f"feature_maps_evolution/{layer}": wandb.Video(str(path), format="gif")
+            for layer, path in gifs.items()
+        }
+        logger.log_metrics(videos, step=step)
+
+    def _save_local(self, images: dict[str, Any], layer_stats, epoch: int) -> None:
+        """PNGs in the layout fm_lightning.gallery reads, then its stats file and index.html."""
         for tag, img in images.items():
             if tag == "probe_inputs":
                 path = os.path.join(self.local_dir, "probe_inputs.png")
             else:
-                layer = _safe_path_part(tag.removeprefix("feature_maps/"))
+                layer = safe_path_part(tag.removeprefix("feature_maps/"))
                 path = os.path.join(self.local_dir, layer, f"epoch={epoch:03d}.png")
             save_png(img, path)
+        if layer_stats:
+            stats = {safe_path_part(name): values for name, values in layer_stats.items()}
+            gallery.append_stats(self.local_dir, epoch, stats)
+        gallery.write_index(self.local_dir, title=os.path.dirname(self.local_dir) or "feature maps")
 
     # ------------------------------------------------------------------ failures
 
@@ -426,12 +447,32 @@ def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Mo
             close = difflib.get_close_matches(pattern, [*named, *relative], n=3, cutoff=0.5)
             hint = f" Closest: {', '.join(close)}." if close else ""
             raise ValueError(
-                f"FeatureMapCallback: layer {pattern!r} matches nothing in {type(model).__name__}."
+                f"layer {pattern!r} matches nothing in {type(model).__name__}."
                 f"{hint} Available layers: {', '.join(named) or '(none)'}."
             )
         chosen.update(hits)
     order = {module: i for i, module in enumerate(named.values())}
     return dict(sorted(chosen.items(), key=lambda item: order[item[1]]))
+
+
+def _logging_step(trainer: pl.Trainer) -> int:
+    # The step Lightning itself logs metrics at (it differs from global_step under gradient
+    # accumulation), so images line up with that epoch's validation metrics.
+    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+
+
+def _default_local_dir(trainer: pl.Trainer) -> str:
+    """``<save_dir>/<name>/<version>/feature_maps``: beside the checkpoints, as ModelCheckpoint
+    places them, so every run (W&B ones included) gets its own directory."""
+    if not trainer.loggers:
+        return os.path.join(trainer.default_root_dir, "feature_maps")
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    save_dir = logger.save_dir or trainer.default_root_dir
+    # Every rank calls setup(); rank zero's answer wins (other ranks may not know the version).
+    return trainer.strategy.broadcast(
+        os.path.join(save_dir, str(logger.name), version, "feature_maps")
+    )
 
 
 def _channels_text(cap: dict[str, Any]) -> str:
@@ -441,10 +482,6 @@ def _channels_text(cap: dict[str, Any]) -> str:
     if shown == list(range(shown[0], shown[0] + len(shown))):
         return f"channels {shown[0]}-{shown[-1]}"
     return "channels " + ",".join(map(str, shown))
-
-
-def _safe_path_part(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@-]", "_", name)
 
 
 def _describe(obj: Any) -> str:

@@ -64,6 +64,8 @@ MNIST_MD5 = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
+# Mean and std of the 60,000 training images' pixels in [0, 1]: the usual normalisation.
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 NUM_TRAIN_IMAGES = 60_000  # the official training set, before the train/val split
 
 # An unreachable mirror should cost seconds, not minutes, before the next source is tried.
@@ -504,8 +506,8 @@ class MNISTDataModule(pl.LightningDataModule):
         val_size: int = 5000,
         num_workers: int = 0,
         seed: int = 42,
-        mean: float = 0.1307,
-        std: float = 0.3081,
+        mean: float = MNIST_MEAN,
+        std: float = MNIST_STD,
     ):
         super().__init__()
         _check(isinstance(data_dir, str | os.PathLike), "data_dir to be a path", data_dir)

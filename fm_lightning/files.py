@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -96,3 +97,8 @@ def save_png(img: Tensor | np.ndarray, path: str | os.PathLike) -> Path:
     with atomic_write(path) as f:
         f.write(data)
     return path
+
+
+def safe_path_part(name: str) -> str:
+    """A layer name as a directory name: ``layer1.0.conv1`` and ``pool@2`` stay as they are."""
+    return re.sub(r"[^A-Za-z0-9_.@-]", "_", name)

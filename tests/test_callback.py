@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
+import struct
 import subprocess
 import sys
 import warnings
@@ -32,6 +34,39 @@ def _assert_not_blank(path) -> np.ndarray:
     assert img.ndim == 3 and img.shape[2] == 3
     assert img.std() > 5, f"{path} looks blank (std {img.std():.2f})"
     return img
+
+
+def _wandb_history(run_dir) -> list[dict]:
+    """The history rows of an offline W&B run, read from its run-*.wandb file.
+
+    The file is ":W&B" + magic + version (7 bytes), then a LevelDB-style log: 32 KiB blocks of
+    records (crc32: 4, length: 2, type: 1 (1 full, 2 first, 3 middle, 4 last)) whose payloads
+    are wandb's protobuf Records.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, payload, rows = 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            payload = b""
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                rows.append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+                )
+    return rows
 
 
 def _fit(tmp_path, cb, logger=None, model=None, train=None, val=None, **kwargs):
@@ -114,6 +149,14 @@ def test_local_pngs_one_per_layer_per_captured_epoch(tmp_path):
     # 3 probe images -> 3 rows of 16 conv1 channels (24x24 maps upscaled, 1 px padding)
     conv1 = np.asarray(Image.open(os.path.join(root, "conv1", "epoch=000.png")))
     assert conv1.shape[0] < conv1.shape[1]  # 3 rows, 16 columns
+    # the gallery page and its stats, rewritten at every capture; one GIF per layer at fit end
+    page = open(os.path.join(root, "index.html")).read()
+    assert "conv1/epoch%3D004.png" in page or "conv1/epoch=004.png" in page
+    stats = json.load(open(os.path.join(root, "stats.json")))
+    assert [h["epoch"] for h in stats["history"]] == [0, 2, 4]
+    assert set(stats["history"][0]["stats"]) == {"conv1", "conv2"}
+    for layer in ("conv1", "conv2"):
+        assert Image.open(os.path.join(root, layer, "evolution.gif")).n_frames == 3
 
 
 def test_stats_are_logged_on_the_validation_step(tmp_path):
@@ -138,7 +181,9 @@ def test_tensorboard_event_files_hold_the_images(tmp_path):
     events = acc.Images("feature_maps/conv1")
     assert len(events) == 2  # epochs 0 and 1, none from the sanity check
     assert events[0].width > 0 and events[0].height > 0
-    assert cb.local_dir is None and not _pngs(tmp_path)  # an image logger: no PNGs unless asked
+    # PNGs are written too, beside the TensorBoard run
+    assert cb.local_dir == os.path.join(trainer.logger.log_dir, "feature_maps")
+    assert len(_pngs(os.path.join(cb.local_dir, "conv1"))) == 2
 
 
 def test_wandb_offline_run_holds_non_blank_images(tmp_path):
@@ -146,6 +191,9 @@ def test_wandb_offline_run_holds_non_blank_images(tmp_path):
     cb = FeatureMapCallback(layers=["conv1", "conv2"], num_images=2)
     _fit(tmp_path, cb, logger=logger, max_epochs=3)
     run_dir = os.path.dirname(logger.experiment.dir)
+    # the local copy sits beside the checkpoints, in a directory of this run's own
+    assert cb.local_dir == os.path.join(tmp_path, "fm-test", logger.version, "feature_maps")
+    assert len(_pngs(os.path.join(cb.local_dir, "conv2"))) == 3
     logger.experiment.finish()
     assert os.path.basename(run_dir).startswith("offline-run-")
     media = os.path.join(run_dir, "files", "media", "images")
@@ -156,6 +204,21 @@ def test_wandb_offline_run_holds_non_blank_images(tmp_path):
             img = _assert_not_blank(path)
             assert img.dtype == np.uint8
     assert len(glob.glob(os.path.join(media, "probe_inputs_*.png"))) == 3
+    # Images land on the step of that epoch's validation metrics, with a caption.
+    rows = _wandb_history(run_dir)
+    val_steps = [r["trainer/global_step"] for r in rows if "val/acc" in r]
+    image_rows = [r for r in rows if "feature_maps/conv1/path" in r]
+    assert len(val_steps) == 3 and [r["trainer/global_step"] for r in image_rows] == val_steps
+    assert (
+        image_rows[0]["feature_maps/conv1/caption"]
+        == f"epoch 0, step {val_steps[0]}, channels 0-15"
+    )
+    assert "feature_stats/conv2/dead_channels" in image_rows[0]
+    # the evolution GIFs arrive once, at the end of fit
+    gifs = glob.glob(
+        os.path.join(run_dir, "files", "media", "videos", "**", "*.gif"), recursive=True
+    )
+    assert sorted(os.path.basename(g).split("_")[0] for g in gifs) == ["conv1", "conv2"]
 
 
 def test_save_dir_writes_pngs_next_to_an_image_logger(tmp_path):
@@ -239,7 +302,7 @@ def test_shared_module_called_twice_is_drawn_per_call(tmp_path):
     cb = FeatureMapCallback(layers=["pool"], save_dir=str(tmp_path / "maps"))
     _fit(tmp_path, cb, max_epochs=1)
     layers = sorted(os.listdir(tmp_path / "maps"))
-    assert layers == ["pool", "pool@2", "probe_inputs.png"]
+    assert layers == ["index.html", "pool", "pool@2", "probe_inputs.png", "stats.json"]
 
 
 def test_order_by_activation_reports_the_channels_drawn(tmp_path):

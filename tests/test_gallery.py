@@ -1,0 +1,298 @@
+"""fm_lightning.gallery: stats.json, index.html (checked in real headless Chromium), GIFs."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from browser import chromium
+from PIL import Image
+
+from fm_lightning.files import save_png
+from fm_lightning.gallery import append_stats, write_gifs, write_index
+from fm_lightning.rendering import feature_grid, image_grid
+
+HOSTILE_TITLE = '</title></script><script>window.__pwned = 1</script>"&'
+# A layer directory name that runs script if anything puts it into the page as HTML.
+HOSTILE_LAYER = "<img src=x onerror=window.__pwned=1>"
+STATS = {"mean": 0.5, "std": 1.0, "frac_zero": 0.25, "dead_channels": 0.0}
+
+
+def add_frame(root, layer, stem, channels=4, size=8, seed=0):
+    """A real feature-map PNG at root/layer/stem.png, as the callback writes it."""
+    act = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(seed))
+    return save_png(feature_grid(act), root / layer / f"{stem}.png")
+
+
+def read_manifest(index):
+    text = index.read_text()
+    match = re.search(r'<script type="application/json" id="manifest">(.*?)</script>', text, re.S)
+    assert match, "no manifest in the page"
+    return match.group(1), json.loads(match.group(1))
+
+
+def leftovers(root):
+    return [p.name for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------- stats.json
+
+
+def test_append_stats_merges_replaces_a_recaptured_epoch_and_keeps_first_capture_order(tmp_path):
+    append_stats(tmp_path, 0, {"conv2": STATS, "conv1": STATS})
+    append_stats(tmp_path, 2, {"conv1": {**STATS, "mean": math.nan}, "fc": STATS})
+    path = append_stats(tmp_path, 0, {"conv2": {**STATS, "mean": 9.0}})  # resumed run
+
+    assert path == tmp_path / "stats.json"
+    data = json.loads(path.read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+    assert data["layers"] == ["conv2", "conv1", "fc"]
+    assert [h["epoch"] for h in data["history"]] == [0, 2]
+    assert data["history"][0]["stats"] == {"conv2": {**STATS, "mean": 9.0}}
+    assert data["history"][1]["stats"]["conv1"]["mean"] is None
+    assert data["history"][1]["stats"]["fc"] == STATS
+    assert leftovers(tmp_path) == []
+
+
+def test_append_stats_rejects_bad_epochs_and_foreign_files(tmp_path):
+    for epoch in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="epoch"):
+            append_stats(tmp_path, epoch, {"conv1": STATS})
+    (tmp_path / "stats.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        append_stats(tmp_path, 0, {"conv1": STATS})
+    (tmp_path / "stats.json").write_text('{"conv1": []}')
+    with pytest.raises(ValueError, match="format"):
+        write_index(tmp_path)
+
+
+# ---------------------------------------------------------------------------- index.html
+
+
+def test_index_escapes_names_and_links_images_by_relative_encoded_paths(tmp_path):
+    layers = ["pool@2", "layer1.0.conv1", 'a"b<c>&d', HOSTILE_LAYER]
+    for layer in layers:
+        add_frame(tmp_path, layer, "epoch=000")
+    save_png(image_grid(torch.rand(3, 1, 8, 8)), tmp_path / "probe_inputs.png")
+
+    index = write_index(tmp_path, title=HOSTILE_TITLE)
+
+    assert index == tmp_path / "index.html"
+    page = index.read_text()
+    assert f"<title>{html.escape(HOSTILE_TITLE)}</title>" in page
+    assert f"<h1>{html.escape(HOSTILE_TITLE)}</h1>" in page
+    assert "window.__pwned = 1</script>" not in page
+    raw, manifest = read_manifest(index)
+    assert "<" not in raw and ">" not in raw and "&" not in raw  # nothing can close the script
+    srcs = {row["name"]: row["src"] for row in manifest["layers"]}
+    assert list(srcs) == sorted(layers)  # no stats.json: by directory name
+    assert srcs["pool@2"] == ["pool%402/epoch%3D000.png"]
+    assert srcs["layer1.0.conv1"] == ["layer1.0.conv1/epoch%3D000.png"]
+    assert srcs['a"b<c>&d'] == ["a%22b%3Cc%3E%26d/epoch%3D000.png"]
+    assert 'src="probe_inputs.png"' in page
+    # Self-contained: the only absolute URL is the SVG namespace name, which is never fetched.
+    assert set(re.findall(r"https?://[^\s\"'<>]*", page)) == {"http://www.w3.org/2000/svg"}
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(//|[a-z]+:)""", page, re.I)
+    assert "<link" not in page and "<script src" not in page
+    assert leftovers(tmp_path) == []
+
+
+def test_index_orders_steps_and_layers_and_fills_gaps_with_the_last_frame(tmp_path):
+    for stem in ("trained", "epoch=10", "untrained", "epoch=009", "epoch=002"):
+        add_frame(tmp_path, "b", stem)
+    add_frame(tmp_path, "a", "epoch=009")
+    add_frame(tmp_path, "c", "epoch=002")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a layer")
+    append_stats(tmp_path, 9, {"c": STATS, "b": {**STATS, "std": math.inf}})
+    append_stats(tmp_path, 2, {"c": STATS})
+
+    _, manifest = read_manifest(write_index(tmp_path))
+
+    assert [s["label"] for s in manifest["steps"]] == [
+        "untrained",
+        "epoch 2",
+        "epoch 9",
+        "epoch 10",
+        "trained",
+    ]
+    rows = {row["name"]: row for row in manifest["layers"]}
+    assert list(rows) == ["c", "b", "a"]  # stats.json order first, then the rest by name
+    assert rows["a"]["src"] == [None, None, "a/epoch%3D009.png", *["a/epoch%3D009.png"] * 2]
+    assert rows["a"]["from"] == [None, None, 2, 2, 2]
+    assert rows["c"]["from"] == [None, 1, 1, 1, 1]
+    assert rows["b"]["from"] == [0, 1, 2, 3, 4]
+    assert rows["c"]["stats"]["mean"] == [None, 0.5, 0.5, None, None]
+    assert rows["b"]["stats"]["std"] == [None, None, None, None, None]  # inf is stored as null
+    assert rows["a"]["stats"] == {}
+
+
+def test_index_of_an_empty_directory_is_still_a_page(tmp_path):
+    _, manifest = read_manifest(write_index(tmp_path))
+    assert manifest == {"steps": [], "layers": []}
+
+
+# ---------------------------------------------------------------------------- GIFs
+
+
+def test_write_gifs_one_frame_per_epoch_padded_to_a_common_size(tmp_path):
+    sizes = {"epoch=000": 8, "epoch=001": 12, "epoch=002": 10}  # frames of different sizes
+    frames = {
+        s: add_frame(tmp_path, "conv1", s, size=n, seed=i) for i, (s, n) in enumerate(sizes.items())
+    }
+    add_frame(tmp_path, "conv1", "trained")  # not an epoch: not in the GIF
+    add_frame(tmp_path, "fc", "epoch=000")  # one frame: no GIF
+    add_frame(tmp_path, "fc", "untrained")
+
+    gifs = write_gifs(tmp_path, duration_ms=250)
+
+    assert gifs == {"conv1": tmp_path / "conv1" / "evolution.gif"}
+    widest = max(Image.open(p).width for p in frames.values())
+    tallest = max(Image.open(p).height for p in frames.values())
+    with Image.open(gifs["conv1"]) as gif:
+        assert gif.n_frames == 3
+        assert gif.info["loop"] == 0 and gif.info["duration"] == 250
+        assert gif.width == widest and gif.height > tallest  # padded, plus an epoch caption
+        gif.seek(1)
+        assert np.asarray(gif.convert("RGB")).std() > 0
+    assert not (tmp_path / "fc" / "evolution.gif").exists()
+    assert leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match="duration_ms"):
+        write_gifs(tmp_path, duration_ms=0)
+
+
+# ---------------------------------------------------------------------------- in Chromium
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def open_page(browser):
+    """Opens a file in a fresh page; records every request and script error it causes."""
+    pages = []
+
+    def open_(path):
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        page.set_default_timeout(5000)  # a broken page fails in seconds, not Playwright's 30
+        page.requests, page.errors = [], []
+        page.on("request", lambda r: page.requests.append(r.url))
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        page.goto(path.as_uri())
+        pages.append(page)
+        return page
+
+    yield open_
+    for page in pages:
+        page.close()
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """Three layers by three epochs, as a run writes them; the hostile layer missed epoch 1."""
+    root = tmp_path / "feature maps"  # a space, so file:// URLs need encoding
+    layers = {"conv1": [0, 1, 2], "layer1.0.conv1": [0, 1, 2], HOSTILE_LAYER: [0, 2]}
+    for i, (layer, epochs) in enumerate(layers.items()):
+        for epoch in epochs:
+            add_frame(root, layer, f"epoch={epoch:03d}", channels=4 + 2 * i, seed=10 * i + epoch)
+    for epoch in range(3):
+        stats = {layer: {**STATS, "mean": epoch / 2} for layer in layers}
+        append_stats(root, epoch, stats)
+    save_png(image_grid(torch.rand(3, 1, 8, 8)), root / "probe_inputs.png")
+    return write_index(root, title=HOSTILE_TITLE)
+
+
+ALL_IMAGES_LOADED = """() => [...document.images].filter(i => !i.hidden)
+    .every(i => i.complete && i.naturalWidth > 0)"""
+
+
+def images(page):
+    return page.eval_on_selector_all(
+        "img", "els => els.map(i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.hidden])"
+    )
+
+
+def label(page):
+    return page.text_content("#epoch-label")
+
+
+def layer_srcs(page):
+    return page.eval_on_selector_all(".layer img", "els => els.map(i => i.getAttribute('src'))")
+
+
+def move_slider(page, value):
+    page.eval_on_selector(
+        "#epoch", "(s, v) => { s.value = v; s.dispatchEvent(new Event('input')); }", value
+    )
+
+
+@pytest.mark.browser
+def test_gallery_renders_from_disk_with_every_image_loaded(open_page, run_dir):
+    page = open_page(run_dir)
+
+    assert page.errors == []
+    assert all(url.startswith("file://") for url in page.requests), page.requests
+    assert page.title() == HOSTILE_TITLE  # shown as text, not run
+    assert page.evaluate("window.__pwned") is None
+    names = page.eval_on_selector_all(".layer h2", "els => els.map(e => e.firstChild.data)")
+    assert names == ["conv1", "layer1.0.conv1", HOSTILE_LAYER]
+    assert HOSTILE_LAYER in page.inner_text("body")
+
+    shown = images(page)
+    assert len(shown) == 4  # the probe and one per layer
+    assert all(complete and width > 0 for _, complete, width, _ in shown), shown
+    assert len(page.query_selector_all(".layer svg")) == 6  # two stats plots per layer
+    shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    assert shot.width == 1200
+    assert len(shot.getcolors(maxcolors=1 << 24)) > 100  # images and plots, not a blank page
+
+
+@pytest.mark.browser
+def test_slider_arrow_keys_and_play_change_the_epoch_shown(open_page, run_dir):
+    page = open_page(run_dir)
+    assert label(page) == "epoch 2"  # the latest capture first
+    assert all(src.endswith("epoch%3D002.png") for src in layer_srcs(page))
+    legend = page.text_content(".legend b")
+
+    move_slider(page, 0)
+    assert label(page) == "epoch 0"
+    assert all(src.endswith("epoch%3D000.png") for src in layer_srcs(page))
+    assert page.text_content(".legend b") != legend  # the plot follows: mean 1 -> 0
+    page.wait_for_function(ALL_IMAGES_LOADED)
+
+    page.keyboard.press("ArrowRight")
+    assert label(page) == "epoch 1"
+    # The hostile layer has no epoch 1: it keeps its epoch 0 frame and says so.
+    assert layer_srcs(page)[2].endswith("epoch%3D000.png")
+    assert page.text_content(".layer:nth-child(3) .note") == "showing epoch 0"
+    page.wait_for_function(ALL_IMAGES_LOADED)
+
+    page.click("#play")
+    page.wait_for_function("document.getElementById('epoch-label').textContent === 'epoch 2'")
+    page.click("#play")  # pause: the epoch stays put
+    paused = label(page)
+    page.wait_for_timeout(900)
+    assert label(page) == paused
+    assert page.errors == []
+
+
+@pytest.mark.browser
+def test_a_single_capture_still_renders(open_page, tmp_path):
+    add_frame(tmp_path, "conv1", "epoch=000")
+    append_stats(tmp_path, 0, {"conv1": STATS})
+    page = open_page(write_index(tmp_path))
+
+    assert label(page) == "epoch 0"
+    assert page.is_disabled("#epoch") and page.is_disabled("#play")
+    page.wait_for_function(ALL_IMAGES_LOADED)
+    assert images(page)[0][2] > 0
+    assert page.errors == []

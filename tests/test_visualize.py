@@ -1,0 +1,443 @@
+"""python -m fm_lightning.visualize: real checkpoints, real PNGs, every error path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, random_loader, tiny_trainer
+from PIL import Image, ImageDraw, ImageFilter
+
+from fm_lightning import ImageClassifier, SimpleCNN
+from fm_lightning.visualize import capture, main
+
+# SimpleCNN grids for 2 images, as rendering.feature_grid draws them (1 px separators):
+# conv1: 16 channels of 24x24; conv2: 32 channels of 8x8, enlarged to 16x16.
+CONV1_HW = (2 * 25 + 1, 16 * 25 + 1)
+CONV2_HW = (2 * 17 + 1, 32 * 17 + 1)
+
+
+def _digit(kind: str, size: int = 28, invert: bool = False) -> Image.Image:
+    """A crude light-on-black digit, drawn with PIL: '1' (a stroke) or '0' (a ring)."""
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    s = size / 28
+    if kind == "1":
+        draw.line([(14 * s, 4 * s), (14 * s, 24 * s)], fill=255, width=max(1, round(3 * s)))
+    else:
+        draw.ellipse([8 * s, 5 * s, 20 * s, 23 * s], outline=255, width=max(1, round(3 * s)))
+    return Image.eval(img, lambda p: 255 - p) if invert else img
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    """A real Lightning checkpoint of ImageClassifier(SimpleCNN()) after a 2-batch fit."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(1)  # not the visualizer's default untrained seed (0)
+    model = ImageClassifier(SimpleCNN())
+    trainer = tiny_trainer(tmp, callbacks=[], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(model, train_dataloaders=random_loader(), val_dataloaders=random_loader(seed=1))
+    path = tmp / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture
+def digits(tmp_path) -> list[str]:
+    paths = []
+    for kind in ("1", "0"):
+        path = tmp_path / f"digit{kind}.png"
+        _digit(kind).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _png(path) -> np.ndarray:
+    with Image.open(path) as img:
+        assert img.mode == "RGB"
+        return np.asarray(img).astype(np.float64)
+
+
+def _find(big: np.ndarray, small: np.ndarray) -> tuple[int, int] | None:
+    """Where ``small`` (h, w, 3) lies inside ``big`` as an exact copy: (y, x), or None."""
+    h, w = small.shape[:2]
+    for y in range(big.shape[0] - h + 1):
+        rows = np.lib.stride_tricks.sliding_window_view(big[y + 1], (w, 3))[:, 0]  # (X, w, 3)
+        for x in np.flatnonzero((rows == small[1]).all(axis=(1, 2))):
+            if np.array_equal(big[y : y + h, x : x + w], small):
+                return y, int(x)
+    return None
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") or "\nerror: " in err
+    assert "Traceback" not in err
+    return err
+
+
+# ----------------------------------------------------------------------------- what it draws
+
+
+def test_trained_grids_written_and_not_blank(ckpt, digits, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--ckpt", ckpt, "--image", *digits, "--out", str(out)]) == 0
+    for layer, hw in (("conv1", CONV1_HW), ("conv2", CONV2_HW)):
+        grid = _png(out / layer / "trained.png")
+        assert grid.shape == (*hw, 3)
+        assert grid.std() > 0
+        assert not (out / layer / "untrained.png").exists()
+    probe = _png(out / "probe_inputs.png")
+    assert probe.shape == (29 + 1, 2 * 29 + 1, 3)
+    index = (out / "index.html").read_text()
+    assert "conv1/trained.png" in index and "conv2/trained.png" in index
+    stdout = capsys.readouterr().out
+    assert str(out / "index.html") in stdout
+    assert "conv1/trained.png" in stdout
+
+
+def test_untrained_is_seeded(digits, tmp_path):
+    runs = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        out = tmp_path / name
+        assert main(["--untrained", "--seed", seed, "--image", *digits, "--out", str(out)]) == 0
+        assert not (out / "conv1" / "trained.png").exists()
+        runs[name] = (out / "conv1" / "untrained.png").read_bytes()
+        assert _png(out / "conv1" / "untrained.png").std() > 0
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+def test_compare_writes_both_frames_and_side_by_side(ckpt, digits, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--ckpt", ckpt, "--compare", "--image", *digits, "--out", str(out)]) == 0
+    for layer in ("conv1", "conv2"):
+        trained = _png(out / layer / "trained.png")
+        untrained = _png(out / layer / "untrained.png")
+        assert trained.shape == untrained.shape
+        # trained and untrained weights give different maps for the same inputs
+        assert np.abs(trained - untrained).mean() > 5
+        both = _png(out / f"compare_{layer}.png")
+        assert both.shape[1] > 2 * trained.shape[1]  # side by side
+        # untrained on the left, trained on the right, both under a label
+        (uy, ux), (ty, tx) = _find(both, untrained), _find(both, trained)
+        assert ux + untrained.shape[1] <= tx and uy == ty > 0
+        assert (both[:uy] < 128).any()  # the label: dark text on white
+    # compare_*.png are files at the top level, so the gallery does not take them for layers
+    index = (out / "index.html").read_text()
+    assert "conv1/untrained.png" in index and "conv1/trained.png" in index
+
+
+def test_untrained_side_matches_untrained_run(ckpt, digits, tmp_path):
+    argv = ["--ckpt", ckpt, "--compare", "--image", *digits, "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    assert main(["--untrained", "--image", *digits, "--out", str(tmp_path / "b")]) == 0
+    a = (tmp_path / "a" / "conv2" / "untrained.png").read_bytes()
+    assert a == (tmp_path / "b" / "conv2" / "untrained.png").read_bytes()
+
+
+def test_bare_state_dict_draws_the_same_as_the_lightning_checkpoint(ckpt, digits, tmp_path):
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    bare = tmp_path / "bare.pt"
+    torch.save({k.removeprefix("net."): v for k, v in state.items()}, bare)
+    assert main(["--ckpt", ckpt, "--image", *digits, "--out", str(tmp_path / "a")]) == 0
+    assert main(["--ckpt", str(bare), "--image", *digits, "--out", str(tmp_path / "b")]) == 0
+    for layer in ("conv1", "conv2"):
+        a = (tmp_path / "a" / layer / "trained.png").read_bytes()
+        assert a == (tmp_path / "b" / layer / "trained.png").read_bytes()
+
+
+def test_inputs_normalised_with_the_checkpoints_mean_and_std(ckpt, digits, tmp_path):
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    for name, hparams in (("default", {}), ("recorded", {"mean": 0.5, "std": 0.05})):
+        path = tmp_path / f"{name}.ckpt"
+        torch.save({"state_dict": state, "datamodule_hyper_parameters": hparams}, path)
+        assert main(["--ckpt", str(path), "--image", *digits, "--out", str(tmp_path / name)]) == 0
+    assert main(["--ckpt", ckpt, "--image", *digits, "--out", str(tmp_path / "fixture")]) == 0
+    a = (tmp_path / "default" / "conv2" / "trained.png").read_bytes()
+    assert a == (tmp_path / "fixture" / "conv2" / "trained.png").read_bytes()  # 0.1307, 0.3081
+    assert a != (tmp_path / "recorded" / "conv2" / "trained.png").read_bytes()
+
+
+def test_layer_patterns_and_shared_pool(ckpt, digits, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--ckpt", ckpt, "--image", *digits, "--layers", "conv*", "pool", "fc3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    layers = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert layers == ["conv1", "conv2", "fc3", "pool", "pool@2"]  # pool runs twice per forward
+    assert _png(out / "fc3" / "trained.png").std() > 0
+
+
+def test_stale_frame_from_an_earlier_compare_is_removed(ckpt, digits, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--ckpt", ckpt, "--compare", "--image", *digits, "--out", str(out)]) == 0
+    assert (out / "conv1" / "untrained.png").exists()
+    assert main(["--ckpt", ckpt, "--image", *digits, "--out", str(out)]) == 0
+    assert not (out / "conv1" / "untrained.png").exists()
+    assert "untrained.png" not in (out / "index.html").read_text()
+
+
+def test_other_layers_already_in_out_are_mentioned(digits, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--untrained", "--image", *digits, "--layers", "fc1", "--out", str(out)]) == 0
+    assert "from before" not in capsys.readouterr().err
+    assert main(["--untrained", "--image", *digits, "--out", str(out)]) == 0
+    assert f"{out} also holds fc1 from before" in capsys.readouterr().err
+
+
+def test_unwritable_out(digits, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = _error(capsys, ["--untrained", "--image", *digits, "--out", str(blocker / "out")])
+    assert f"cannot write to {blocker / 'out'}" in err
+
+
+def test_capture_removes_its_hooks_even_when_forward_fails():
+    model = SimpleCNN()
+    modules = {"conv1": model.conv1, "conv2": model.conv2}
+    acts, logits = capture(model, torch.zeros(2, 1, 28, 28), modules)
+    assert acts["conv1"].shape == (2, 16, 24, 24) and logits.shape == (2, 10)
+    with pytest.raises(RuntimeError):
+        capture(model, torch.zeros(2, 3, 28, 28), modules)  # conv1 takes 1 channel
+    assert all(not m._forward_hooks for m in model.modules())
+    assert model.training  # the caller's mode is restored
+
+
+@pytest.mark.slow
+def test_mnist_index(ckpt, mnist_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--ckpt", ckpt, "--mnist-index", "0", "1", "--data-dir", mnist_dir, "--out", str(out)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "#0 (label 7)" in stdout and "#1 (label 2)" in stdout  # the official test set
+    assert _png(out / "probe_inputs.png").shape == (30, 59, 3)
+    assert _png(out / "conv1" / "trained.png").shape == (*CONV1_HW, 3)
+    assert "label 7" in (out / "index.html").read_text()
+
+    err = _error(capsys, [*argv[:2], "--mnist-index", "3", "10000", "--data-dir", mnist_dir])
+    assert "10000" in err and "0 to 9999" in err
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_missing_checkpoint(digits, tmp_path, capsys):
+    missing = tmp_path / "nope.ckpt"
+    err = _error(capsys, ["--ckpt", str(missing), "--image", *digits, "--out", str(tmp_path)])
+    assert str(missing) in err and "not found" in err and "python train.py" in err
+    assert "checkpoints/*.ckpt" in err
+
+
+@pytest.mark.parametrize("kind", ["garbage", "pickle-garbage", "truncated", "empty", "text"])
+def test_corrupt_checkpoint(kind, ckpt, digits, tmp_path, capsys):
+    path = tmp_path / "bad.ckpt"
+    data = open(ckpt, "rb").read()
+    path.write_bytes(
+        {
+            "garbage": np.random.default_rng(0).bytes(4096),
+            # a pickle header, then nonsense: what the weights-only unpickler itself rejects
+            "pickle-garbage": b"\x80\x02" + np.random.default_rng(1).bytes(4096),
+            "truncated": data[: len(data) // 2],
+            "empty": b"",
+            "text": b"this is not a checkpoint\n",
+        }[kind]
+    )
+    err = _error(capsys, ["--ckpt", str(path), "--image", *digits, "--out", str(tmp_path / "o")])
+    assert str(path) in err and "not a readable PyTorch checkpoint" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_that_would_run_code_is_refused(digits, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch PWNED",))
+
+    path = tmp_path / "evil.ckpt"
+    state = {"net." + k: v for k, v in SimpleCNN().state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": Payload()}, path)
+    err = _error(capsys, ["--ckpt", str(path), "--image", *digits, "--out", "out"])
+    assert str(path) in err and "refused" in err and "run code" in err
+    assert "weights-only" in err
+    assert not (tmp_path / "PWNED").exists()
+    assert not (tmp_path / "out").exists()
+    # The payload is live: an unsafe load would have run it.
+    torch.load(path, map_location="cpu", weights_only=False)
+    assert (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize(
+    "state, expected",
+    [
+        ({"net.conv1.weight": torch.zeros(3, 1, 5, 5)}, ["missing keys", "conv2.weight"]),
+        (
+            {**SimpleCNN().state_dict(), "conv1.weight": torch.zeros(8, 1, 3, 3)},
+            ["shape mismatch", "conv1.weight (8, 1, 3, 3)", "(16, 1, 5, 5)"],
+        ),
+        ({**SimpleCNN().state_dict(), "extra.weight": torch.zeros(1)}, ["unexpected keys"]),
+    ],
+    ids=["missing", "shape", "unexpected"],
+)
+def test_state_dict_that_does_not_fit(state, expected, digits, tmp_path, capsys):
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": state}, path)
+    err = _error(capsys, ["--ckpt", str(path), "--image", *digits, "--out", str(tmp_path)])
+    assert "does not fit SimpleCNN" in err and "supports SimpleCNN checkpoints" in err
+    for text in expected:
+        assert text in err
+
+
+def test_checkpoint_without_a_state_dict(digits, tmp_path, capsys):
+    path = tmp_path / "list.ckpt"
+    torch.save([1, 2, 3], path)
+    err = _error(capsys, ["--ckpt", str(path), "--image", *digits, "--out", str(tmp_path)])
+    assert "holds a list" in err and "state_dict" in err
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def test_missing_and_unreadable_images(tmp_path, capsys):
+    base = ["--untrained", "--out", str(tmp_path / "o"), "--image"]
+    err = _error(capsys, [*base, str(tmp_path / "nope.png")])
+    assert "nope.png" in err and "no such file" in err
+
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    err = _error(capsys, [*base, str(text)])
+    assert "notes.png" in err and "not an image" in err
+
+    good = tmp_path / "good.png"
+    _digit("0").save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    err = _error(capsys, [*base, str(truncated)])
+    assert "truncated.png" in err and "truncated" in err.split("truncated.png", 1)[1]
+
+
+def test_wrong_size_is_refused_unless_resize(tmp_path, capsys):
+    path = tmp_path / "big.png"
+    _digit("1", size=56).crop((0, 0, 56, 42)).save(path)  # 56x42
+    base = ["--untrained", "--image", str(path), "--out", str(tmp_path / "o")]
+    err = _error(capsys, base)
+    assert "big.png" in err and "56x42" in err and "28x28" in err
+    assert "refused" in err and "--resize" in err
+
+    assert main([*base, "--resize"]) == 0
+    err = capsys.readouterr().err
+    assert "note: " in err and "56x42" in err and "resized to 28x21" in err and "padded" in err
+    assert _png(tmp_path / "o" / "probe_inputs.png").shape == (30, 30, 3)
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("RGB", "is RGB; converted to grayscale (L)"),
+        ("RGBA", "is RGBA; transparent pixels drawn on black"),
+        ("I;16", "is 16-bit grayscale (I;16); scaled to 8-bit grayscale (L)"),
+        ("P", "is P (palette); converted to grayscale (L)"),
+        ("1", "is 1 (1-bit); converted to grayscale (L)"),
+    ],
+)
+def test_other_colour_modes_are_converted_with_a_note(mode, expected, tmp_path, capsys):
+    gray = _digit("0")
+    if mode not in ("P", "1"):  # modes that keep every gray level: check all of them survive
+        gray = gray.filter(ImageFilter.GaussianBlur(1.5))
+    out = tmp_path / "o"
+    gray.save(tmp_path / "ref.png")
+    assert main(["--untrained", "--image", str(tmp_path / "ref.png"), "--out", str(out)]) == 0
+    reference = _png(out / "conv1" / "untrained.png")
+    capsys.readouterr()
+
+    if mode == "RGBA":
+        img = gray.convert("RGBA")
+        img.putalpha(Image.eval(gray, lambda p: 255 if p else 0))  # only the digit is opaque
+    elif mode == "I;16":
+        img = Image.fromarray(np.asarray(gray).astype(np.uint16) * 256)
+    else:
+        img = gray.convert(mode)
+    assert img.mode == mode
+    path = tmp_path / f"digit_{mode.replace(';', '')}.png"
+    img.save(path)
+    assert main(["--untrained", "--image", str(path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {path} {expected}" in err
+    # the same picture in another mode draws the same maps (16-bit: up to 1 level off in 255)
+    assert np.abs(_png(out / "conv1" / "untrained.png") - reference).mean() < 1
+
+
+def test_unconvertible_mode_is_refused(tmp_path, capsys):
+    path = tmp_path / "lab.tif"
+    Image.new("LAB", (28, 28)).save(path)
+    err = _error(capsys, ["--untrained", "--image", str(path), "--out", str(tmp_path / "o")])
+    assert "lab.tif" in err and "colour mode LAB" in err and "refused" in err
+
+
+def test_multi_frame_image_uses_the_first_frame(tmp_path, capsys):
+    path = tmp_path / "anim.gif"
+    first, second = _digit("1").convert("P"), _digit("0").convert("P")
+    first.save(path, save_all=True, append_images=[second])
+    assert main(["--untrained", "--image", str(path), "--out", str(tmp_path / "o")]) == 0
+    assert "has 2 frames; using the first" in capsys.readouterr().err
+
+
+def test_invert_for_dark_on_light_drawings(tmp_path, capsys):
+    dark = tmp_path / "dark.png"
+    _digit("1", invert=True).save(dark)
+    light = tmp_path / "light.png"
+    _digit("1").save(light)
+    assert main(["--untrained", "--image", str(dark), "--out", str(tmp_path / "a")]) == 0
+    assert "you may want --invert" in capsys.readouterr().err
+    argv = ["--untrained", "--image", str(dark), "--invert", "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    assert "--invert" not in capsys.readouterr().err
+    assert main(["--untrained", "--image", str(light), "--out", str(tmp_path / "c")]) == 0
+    inverted = (tmp_path / "b" / "conv1" / "untrained.png").read_bytes()
+    assert inverted == (tmp_path / "c" / "conv1" / "untrained.png").read_bytes()
+    assert inverted != (tmp_path / "a" / "conv1" / "untrained.png").read_bytes()
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def test_unknown_layer_lists_the_available_ones(digits, tmp_path, capsys):
+    argv = ["--untrained", "--image", *digits, "--layers", "conv1", "cnv2", "--out", str(tmp_path)]
+    err = _error(capsys, argv)
+    assert "'cnv2' matches nothing" in err and "Closest: conv2" in err
+    assert "Available layers: conv1, pool, conv2, fc1, fc2, fc3" in err
+    assert not (tmp_path / "conv1").exists()  # checked before anything is drawn
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--compare", "--image", "x.png"], "--compare needs --ckpt"),
+        (["--untrained", "--ckpt", "a.ckpt", "--image", "x.png"], "--untrained"),
+        (["--image", "x.png"], "--ckpt PATH"),
+        (["--untrained", "--image", "x.png", "--mnist-index", "0"], "not allowed with"),
+    ],
+)
+def test_inconsistent_arguments(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_help_runs_as_a_module():
+    result = subprocess.run(
+        [sys.executable, "-m", "fm_lightning.visualize", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("--ckpt", "--untrained", "--compare", "--image", "--mnist-index", "--resize"):
+        assert flag in result.stdout
