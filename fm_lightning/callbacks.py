@@ -132,8 +132,16 @@ class FeatureMapCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
 
+    @property
+    def state_key(self) -> str:
+        # Two of these callbacks (say, on different layers) keep their probes apart in a checkpoint.
+        return self._generate_state_key(layers=self.layers, num_images=self.num_images)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._modules = resolve_layers(pl_module, self.layers)
+        try:
+            self._modules = resolve_layers(pl_module, self.layers)
+        except ValueError as err:
+            raise ValueError(f"FeatureMapCallback: {err}") from None
         self.local_dir = self.save_dir or _default_local_dir(trainer)
         if stage == "fit" and trainer.limit_val_batches == 0:
             rank_zero_warn(
@@ -199,8 +207,8 @@ class FeatureMapCallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One GIF per layer across the captured epochs, written locally and sent to W&B."""
-        if not trainer.is_global_zero or self._last_epoch is None:
-            return
+        if not trainer.is_global_zero or not os.path.isdir(self.local_dir):
+            return  # nothing was written, so nothing to animate
         try:
             gifs = gallery.write_gifs(self.local_dir)
         except Exception as err:
@@ -212,6 +220,11 @@ class FeatureMapCallback(Callback):
                     self._log_wandb_gifs(logger, gifs, _logging_step(trainer))
                 except Exception as err:
                     self._fail(type(logger).__name__, err)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, err: BaseException
+    ) -> None:
+        self._remove_hooks()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()

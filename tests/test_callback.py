@@ -266,6 +266,39 @@ def test_hooks_live_only_for_the_probe_pass_and_modes_are_restored(tmp_path):
     assert not model.net.fc1.training and model.net.conv1.training
 
 
+class _FailsOnProbe(ImageClassifier):
+    """Its forward raises in the probe pass only (eval mode outside the validation loop)."""
+
+    def __init__(self):
+        super().__init__(SimpleCNN())
+        self.in_val_loop = False
+
+    def on_validation_epoch_start(self):
+        self.in_val_loop = True
+
+    def on_validation_epoch_end(self):
+        self.in_val_loop = False
+
+    def forward(self, x):
+        if not self.training and not self.in_val_loop:
+            raise RuntimeError("probe forward exploded")
+        return super().forward(x)
+
+
+def test_a_failing_probe_forward_removes_its_hooks_and_training_goes_on(tmp_path):
+    model = _FailsOnProbe()
+    cb = FeatureMapCallback(layers=["conv1", "conv2"])
+    with pytest.warns(UserWarning, match="capture failed .*probe forward exploded") as record:
+        trainer, _ = _fit(tmp_path, cb, model=model, max_epochs=2)
+    assert sum("FeatureMapCallback" in str(w.message) for w in record) == 1
+    assert trainer.current_epoch == 2
+    assert all(not m._forward_hooks for m in model.modules())
+    assert model.net.conv1.training  # train mode restored after the failed pass
+
+    with pytest.raises(RuntimeError, match="probe forward exploded"):
+        _fit(tmp_path, FeatureMapCallback(layers=["conv1"], strict=True), model=_FailsOnProbe())
+
+
 def test_probe_is_deterministic_and_survives_resume(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     cb = FeatureMapCallback(layers=["conv1"], num_images=5)
