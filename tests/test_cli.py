@@ -128,6 +128,8 @@ def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_d
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert any(r["val/acc"] for r in rows) and any(r["test/acc"] for r in rows)
+    # train/loss is logged on exactly the steps the logger writes (log_every_n_steps: 5)
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == [4, 9, 14, 19]
     assert glob.glob(str(run / "checkpoints" / "*.ckpt"))
     pngs = sorted(glob.glob(str(run / "feature_maps" / "*" / "*.png")))
     assert [os.path.relpath(p, run / "feature_maps") for p in pngs] == [
