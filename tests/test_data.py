@@ -187,6 +187,17 @@ def test_corrupt_present_file_raises_and_is_kept(fake_mnist):
         dm.setup("fit")
 
 
+def test_a_file_corrupted_after_verification_is_caught(fake_mnist):
+    data_dir, _ = fake_mnist
+    raw = data_dir / "MNIST" / "raw"
+    data.ensure_mnist(raw, sources=())  # verified once; the next check may use the cache
+    data.ensure_mnist(raw, sources=())
+    path = raw / "t10k-labels-idx1-ubyte"
+    path.write_bytes(path.read_bytes()[:-1])  # corrupted in place: size and mtime change
+    with pytest.raises(data.MNISTChecksumError, match="t10k-labels-idx1-ubyte"):
+        data.ensure_mnist(raw, sources=())
+
+
 def test_missing_files_come_from_first_working_source(fake_mnist, monkeypatch):
     data_dir, arrays = fake_mnist
     raw = data_dir / "MNIST" / "raw"
