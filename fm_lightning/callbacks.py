@@ -22,7 +22,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -123,7 +124,6 @@ class FeatureMapCallback(Callback):
         self.probe: torch.Tensor | None = None  # (N, ...) on the model's device once complete
         self._probe_parts: list[torch.Tensor] = []
         self._modules: dict[str, nn.Module] = {}  # resolved in setup()
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._captures: dict[str, dict[str, Any]] = {}  # filled by the hooks of one capture
         self._last_epoch: int | None = None
         self._warned: set[str] = set()
@@ -221,14 +221,6 @@ class FeatureMapCallback(Callback):
                 except Exception as err:
                     self._fail(type(logger).__name__, err)
 
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, err: BaseException
-    ) -> None:
-        self._remove_hooks()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
     def state_dict(self) -> dict[str, Any]:
         return {"probe": None if self.probe is None else self.probe.cpu()}
 
@@ -270,50 +262,37 @@ class FeatureMapCallback(Callback):
         """One forward pass of the probe with hooks on the chosen layers; fills self._captures."""
         self._captures = {}
         # Only rank zero draws, but every rank runs the forward so sharded models stay in step.
-        if trainer.is_global_zero:
-            for name, module in self._modules.items():
-                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        modules = self._modules if trainer.is_global_zero else {}
         modes = {m: m.training for m in pl_module.modules()}
         try:
             pl_module.eval()
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
+            with (
+                forward_hooks(modules, self._record),
+                torch.no_grad(),
+                trainer.precision_plugin.forward_context(),
+            ):
                 pl_module(self.probe)
         finally:
-            self._remove_hooks()
             for module, training in modes.items():
                 module.train(training)
 
-    def _make_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            # A module called twice in one forward (SimpleCNN's shared `pool`) is drawn per call.
-            key = name
-            calls = 1
-            while key in self._captures:
-                calls += 1
-                key = f"{name}@{calls}"
-            act = rendering.first_tensor(output)
-            if act is None:
-                self._captures[key] = {"error": f"output is {_describe(output)}, not a tensor"}
-                return
-            act = act.detach()
-            channels = None
-            if act.ndim == 4:  # (N, C, H, W): pick the drawn channels here, on the device
-                channels = rendering.select_channels(act, self.max_channels, self.order)
-                drawn = act.index_select(1, channels)
-            else:
-                drawn = act
-            self._captures[key] = {
-                "act": drawn.float().cpu(),
-                "channels": None if channels is None else channels.cpu(),
-                "stats": rendering.activation_stats(act) if self.log_stats else {},
-            }
-
-        return hook
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def _record(self, key: str, output: Any) -> None:
+        """Hook body: keep the channels that will be drawn, moving only those off the device."""
+        act = rendering.first_tensor(output)
+        if act is None:
+            self._captures[key] = {"error": f"output is {_describe(output)}, not a tensor"}
+            return
+        act = act.detach()
+        channels = None
+        drawn = act
+        if act.ndim == 4:  # (N, C, H, W): pick the drawn channels here, on the device
+            channels = rendering.select_channels(act, self.max_channels, self.order)
+            drawn = act.index_select(1, channels)
+        self._captures[key] = {
+            "act": drawn.float().cpu(),
+            "channels": None if channels is None else channels.cpu(),
+            "stats": rendering.activation_stats(act) if self.log_stats else {},
+        }
 
     # ------------------------------------------------------------------ rendering and logging
 
@@ -433,6 +412,32 @@ class FeatureMapCallback(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+@contextmanager
+def forward_hooks(
+    modules: Mapping[str, nn.Module], record: Callable[[str, Any], None]
+) -> Iterator[None]:
+    """Forward hooks on ``modules`` for the body of the ``with`` only, removed however it ends.
+
+    Each output goes to ``record(key, output)``; ``key`` is the module's name, or ``name@2``,
+    ``name@3``... when a module runs again in the same pass (SimpleCNN's shared ``pool``).
+    """
+    calls: dict[str, int] = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            record(name if calls[name] == 1 else f"{name}@{calls[name]}", output)
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:

@@ -52,7 +52,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor, nn
 
 from fm_lightning import rendering
-from fm_lightning.callbacks import resolve_layers
+from fm_lightning.callbacks import forward_hooks, resolve_layers
 from fm_lightning.data import MNIST_MEAN, MNIST_STD, MNISTDataModule, load_mnist
 from fm_lightning.files import safe_path_part, save_png
 from fm_lightning.gallery import write_index
@@ -220,28 +220,17 @@ def capture(
     """
     acts: dict[str, Tensor] = {}
 
-    def make_hook(name: str) -> Callable:
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            key, calls = name, 1
-            while key in acts:
-                calls += 1
-                key = f"{name}@{calls}"
-            act = rendering.first_tensor(output)
-            if act is not None:
-                acts[key] = act.detach().float().cpu()
+    def record(key: str, output: object) -> None:
+        act = rendering.first_tensor(output)
+        if act is not None:
+            acts[key] = act.detach().float().cpu()
 
-        return hook
-
-    handles = []
     was_training = model.training
     try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
         model.eval()
-        logits = model(x)
+        with forward_hooks(modules, record):
+            logits = model(x)
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return acts, logits
 
