@@ -295,6 +295,13 @@ common.target(
     f"with/without = {ratio:.4f} +- {resolution:.3f} (median of {args.repeats} paired rounds); "
     f"time in its hooks = {direct:.2%} of the fit",
 )
+# The wall-clock ratio above can't resolve 2% on a noisy machine (see its +-); the time spent
+# inside the callback's own hooks, measured directly in the same fits, can.
+common.target(
+    "time inside FeatureMapCallback's hooks within 2% of the fit without it",
+    direct <= 0.02,
+    f"{direct:.2%}",
+)
 common.target(
     "capture + render + log of 2 layers x 4 images < 50 ms"
     + ("" if device.type == "cpu" else f" (target is for CPU; measured on {device.type})"),
