@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from fm_lightning import gallery, rendering
@@ -40,8 +41,6 @@ from fm_lightning.files import safe_path_part, save_png
 
 # Keys tried, in order, when a batch is a dict and no input_key/input_fn was given.
 _DICT_INPUT_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
-_NORMALIZE_MODES = ("channel", "layer")
-_ORDERS = ("index", "activation")
 
 
 class FeatureMapCallback(Callback):
@@ -50,7 +49,8 @@ class FeatureMapCallback(Callback):
     Args:
         layers: names from ``model.named_modules()`` or glob patterns (``"conv*"``,
             ``"layer1.*.conv1"``), relative to the LightningModule.
-        every_n_epochs: capture on epochs 0, n, 2n, ... (at most once per epoch).
+        every_n_epochs: capture at the validation of epochs n-1, 2n-1, ... (Lightning's count,
+            as in ``check_val_every_n_epoch``; at most once per epoch).
         num_images: probe images, taken from the first validation batches.
         max_channels: channels drawn per layer (rows are images, columns channels).
         save_dir: where the PNGs go (always written, whatever the loggers). ``None``:
@@ -96,10 +96,12 @@ class FeatureMapCallback(Callback):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"expected `{arg}` to be an int >= 1, got {value!r}")
-        if normalize not in _NORMALIZE_MODES:
-            raise ValueError(f"expected `normalize` in {_NORMALIZE_MODES}, got {normalize!r}")
-        if order not in _ORDERS:
-            raise ValueError(f"expected `order` in {_ORDERS}, got {order!r}")
+        if normalize not in rendering.NORMALIZE_MODES:
+            raise ValueError(
+                f"expected `normalize` in {rendering.NORMALIZE_MODES}, got {normalize!r}"
+            )
+        if order not in rendering.ORDERS:
+            raise ValueError(f"expected `order` in {rendering.ORDERS}, got {order!r}")
         if cmap not in matplotlib.colormaps:
             close = difflib.get_close_matches(cmap, list(matplotlib.colormaps), n=3)
             raise ValueError(f"expected a matplotlib colormap name, got {cmap!r} (close: {close})")
@@ -173,30 +175,30 @@ class FeatureMapCallback(Callback):
         have = sum(len(part) for part in self._probe_parts)
         self._probe_parts.append(x[: self.num_images - have].detach().clone())
         if have + len(self._probe_parts[-1]) >= self.num_images:
-            self.probe = torch.cat(self._probe_parts)
-            self._probe_parts = []
+            self._local_probe()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
+        # Every rank reaches the same verdict here, so the broadcast below is never left waiting.
         if (
             trainer.sanity_checking
-            or self._disabled
-            or epoch % self.every_n_epochs != 0
+            or (epoch + 1) % self.every_n_epochs != 0
             or epoch == self._last_epoch
         ):
             return
-        if self.probe is None and self._probe_parts:  # validation had fewer images than asked
-            self.probe = torch.cat(self._probe_parts)
-            self._probe_parts = []
-            rank_zero_warn(
-                f"FeatureMapCallback: validation gave only {len(self.probe)} of "
-                f"num_images={self.num_images} probe images."
-            )
-        if self.probe is None:
-            return
         self._last_epoch = epoch
-        # Ranks see different validation shards; rank zero's probe is the one drawn and saved.
-        self.probe = trainer.strategy.broadcast(self.probe, src=0).to(pl_module.device)
+        probe = self._local_probe()
+        try:
+            # Ranks see different validation shards (or none, or failed to read theirs): rank
+            # zero's probe, or its None, is the one every rank uses. Sent from the CPU, so
+            # unpickling it on another rank does not touch rank zero's GPU.
+            probe = trainer.strategy.broadcast(None if probe is None else probe.cpu(), src=0)
+        except Exception as err:
+            self._fail("capture", err)
+            return
+        if probe is None:
+            return
+        self.probe = probe.to(pl_module.device)
         try:
             self._capture(trainer, pl_module)
         except Exception as err:
@@ -229,6 +231,24 @@ class FeatureMapCallback(Callback):
         self._probe_parts = []
 
     # ------------------------------------------------------------------ capture
+
+    def _local_probe(self) -> torch.Tensor | None:
+        """This rank's probe: complete, or the short one validation gave, or None."""
+        if self._disabled:
+            return None
+        if self.probe is None and self._probe_parts:
+            parts, self._probe_parts = self._probe_parts, []
+            try:
+                self.probe = torch.cat(parts)
+            except Exception as err:  # batches of different shapes or dtypes
+                self._fail("input", err, disable=True)
+                return None
+            if len(self.probe) < self.num_images:
+                rank_zero_warn(
+                    f"FeatureMapCallback: validation gave only {len(self.probe)} of "
+                    f"num_images={self.num_images} probe images."
+                )
+        return self.probe
 
     def _extract_input(self, batch: Any) -> torch.Tensor:
         if self.input_fn is not None:
@@ -282,9 +302,15 @@ class FeatureMapCallback(Callback):
         if act is None:
             self._captures[key] = {"error": f"output is {_describe(output)}, not a tensor"}
             return
+        if act.ndim not in (2, 3, 4) or act.numel() == 0:  # stats and grids need a batch of maps
+            shape = tuple(act.shape)
+            self._captures[key] = {
+                "error": f"expected a (N, C, H, W) or (N, F) activation, got shape {shape}"
+            }
+            return
         act = act.detach()
         channels = None
-        drawn = act
+        drawn = act  # (N, F) and (N, C, L) are small enough to move whole
         if act.ndim == 4:  # (N, C, H, W): pick the drawn channels here, on the device
             channels = rendering.select_channels(act, self.max_channels, self.order)
             drawn = act.index_select(1, channels)
@@ -411,7 +437,10 @@ class FeatureMapCallback(Callback):
             raise RuntimeError(message)
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(message)
+            if rank_zero_only.rank == 0:
+                rank_zero_warn(message)
+            else:  # a failure on another rank must not go unseen
+                warnings.warn(f"[rank {rank_zero_only.rank}] {message}", stacklevel=2)
 
 
 @contextmanager

@@ -41,8 +41,8 @@ __all__ = [
 #: active) ``MAX_FEATURES`` so the heatmap stays a sensible width.
 MAX_FEATURES = 1024
 
-_ORDERS = ("index", "activation")
-_NORMALIZE_MODES = ("channel", "layer")
+ORDERS = ("index", "activation")
+NORMALIZE_MODES = ("channel", "layer")
 # Smallest side a feature map is drawn at; smaller maps are enlarged by an integer factor.
 _MIN_MAP_PX = 16
 # A 2-D activation row is drawn this tall, and the heatmap at least this wide.
@@ -98,7 +98,7 @@ def select_channels(act: Tensor, max_channels: int, order: str = "index") -> Ten
         LongTensor of at most ``max_channels`` channel indices, on ``act``'s device.
     """
     _check_tensor(act, "act")
-    _check_choice("order", order, _ORDERS)
+    _check_choice("order", order, ORDERS)
     if act.dim() < 2:
         raise ValueError(f"expected an (N, C, ...) activation, got shape {tuple(act.shape)}")
     if max_channels < 1:
@@ -130,7 +130,7 @@ def normalize_maps(act: Tensor, mode: str = "channel") -> Tensor:
         float32 tensor of shape (N, C, H, W) with values in [0, 1].
     """
     _check_tensor(act, "act")
-    _check_choice("mode", mode, _NORMALIZE_MODES)
+    _check_choice("mode", mode, NORMALIZE_MODES)
     if act.dim() != 4:
         raise ValueError(f"expected a (N, C, H, W) tensor, got shape {tuple(act.shape)}")
     x = act.float()
@@ -211,7 +211,7 @@ def feature_grid(
         UnsupportedActivationError: If ``act`` is empty or not 2-, 3- or 4-D.
     """
     _check_tensor(act, "act")
-    _check_choice("normalize", normalize, _NORMALIZE_MODES)
+    _check_choice("normalize", normalize, NORMALIZE_MODES)
     if act.dim() not in (2, 3, 4) or act.numel() == 0:
         raise UnsupportedActivationError(
             f"expected a (N, C, H, W) or (N, F) activation, got shape {tuple(act.shape)}"

@@ -3,6 +3,7 @@
 python tests/scripts/ddp_fit.py OUT_DIR
 """
 
+import os
 import sys
 
 import lightning.pytorch as pl
@@ -23,7 +24,17 @@ def loader(seed):
 
 if __name__ == "__main__":
     out = sys.argv[1]
-    cb = FeatureMapCallback(layers=["conv1", "conv2"], num_images=4, save_dir=f"{out}/maps")
+    fail_rank = int(sys.argv[3]) if sys.argv[2:3] == ["--fail-on-rank"] else None
+
+    def pick_input(batch):
+        # Lightning's DDP launcher sets LOCAL_RANK for every process it starts.
+        if int(os.environ.get("LOCAL_RANK", 0)) == fail_rank:
+            raise KeyError("this rank cannot find the input")
+        return batch[0]
+
+    cb = FeatureMapCallback(
+        layers=["conv1", "conv2"], num_images=4, save_dir=f"{out}/maps", input_fn=pick_input
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -39,4 +50,5 @@ if __name__ == "__main__":
     )
     trainer.fit(ImageClassifier(SimpleCNN()), loader(0), loader(1))
     # Every rank prints what it drew with, so the test can check all ranks agree on the probe.
-    print(f"rank={trainer.global_rank} probe_sum={cb.probe.sum().item():.6f}", flush=True)
+    probe_sum = "none" if cb.probe is None else f"{cb.probe.sum().item():.6f}"
+    print(f"rank={trainer.global_rank} probe_sum={probe_sum}", flush=True)
