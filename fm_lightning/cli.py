@@ -33,6 +33,14 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 class FMLightningCLI(LightningCLI):
     """LightningCLI for ImageClassifier + MNISTDataModule that turns W&B offline without a key."""
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="resume fitting from this checkpoint (a last.ckpt under logs/)",
+        )
+
     def before_instantiate_classes(self) -> None:
         loggers = self.config.get("trainer.logger")
         loggers = loggers if isinstance(loggers, list) else [loggers]
@@ -65,7 +73,7 @@ def main(args: Sequence[str] | None = None, default_config: Path | None = DEFAUL
         args=args,
     )
     trainer = cli.trainer
-    trainer.fit(cli.model, datamodule=cli.datamodule)
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     # The best checkpoint when one was saved; the weights in memory otherwise (e.g. debug runs).
     ckpt = (
         "best"
@@ -92,6 +100,6 @@ def _print_summary(trainer, metrics: dict) -> None:
             lines.append(f"W&B run:       {run_dir}  (feature maps under feature_maps/*)")
             if os.environ.get("WANDB_MODE") == "offline":
                 lines.append(f"upload it:     wandb sync {run_dir}")
-        elif logger.log_dir:
+        elif getattr(logger, "log_dir", None):  # MLflow, Comet... have none
             lines.append(f"metrics:       {logger.log_dir}")
     print("\n" + "\n".join(lines))

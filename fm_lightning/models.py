@@ -90,9 +90,10 @@ class ImageClassifier(pl.LightningModule):
         loss = F.cross_entropy(self(x), y)
         # self.log costs ~0.5 ms a call on a CPU (benchmarks/train_speed.py), ~7% of a SimpleCNN
         # step. Loggers only write every log_every_n_steps, so log just on the steps they write
-        # (the same test as Lightning's: the step about to be taken is a multiple of n).
+        # (the same test as Lightning's: the step about to be taken is a multiple of n, or the
+        # last one before an early stop).
         every = self.trainer.log_every_n_steps  # 0 turns logging off
-        if every and (self.global_step + 1) % every == 0:
+        if every and ((self.global_step + 1) % every == 0 or self.trainer.should_stop):
             self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -141,3 +141,24 @@ def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_d
     for path in pngs:
         img = Image.open(path).convert("L")
         assert max(img.getextrema()) > min(img.getextrema())
+
+    # --ckpt_path resumes that run for one more epoch, probe and all
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "--config",
+            str(REPO / "configs" / "debug.yaml"),
+            f"--data.data_dir={mnist_dir}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.max_epochs=3",
+            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = tmp_path / "logs" / "debug" / "version_1" / "feature_maps" / "conv1"
+    assert [p.name for p in sorted(resumed.glob("*.png"))] == ["epoch=002.png"]

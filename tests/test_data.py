@@ -386,12 +386,16 @@ class _Probe(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_trainer_sees_normalized_float_batches(fake_mnist):
+@pytest.mark.parametrize(
+    "precision, dtype", [("32-true", torch.float32), ("bf16-true", torch.bfloat16)]
+)
+def test_trainer_sees_normalized_float_batches(fake_mnist, precision, dtype):
     data_dir, _ = fake_mnist
     dm = MNISTDataModule(str(data_dir), batch_size=32, val_size=20)
     model = _Probe()
     trainer = pl.Trainer(
         accelerator="cpu",
+        precision=precision,
         max_steps=2,
         limit_val_batches=0,
         logger=False,
@@ -400,7 +404,9 @@ def test_trainer_sees_normalized_float_batches(fake_mnist):
         enable_model_summary=False,
     )
     trainer.fit(model, datamodule=dm)
-    assert [s[:2] for s in model.seen] == [(torch.float32, (32, 1, 28, 28))] * 2
+    # "-true" precisions get inputs in the model's dtype (Lightning casts before the transfer,
+    # when the batch is still uint8, so the data module casts after normalising)
+    assert [s[:2] for s in model.seen] == [(dtype, (32, 1, 28, 28))] * 2
     # uniform random pixels average 127.5 / 255 = 0.5 -> (0.5 - 0.1307) / 0.3081 ~ 1.2
     assert all(abs(mean - 1.2) < 0.1 for *_, mean in model.seen)
 
