@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
-import matplotlib
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -102,9 +101,7 @@ class FeatureMapCallback(Callback):
             )
         if order not in rendering.ORDERS:
             raise ValueError(f"expected `order` in {rendering.ORDERS}, got {order!r}")
-        if cmap not in matplotlib.colormaps:
-            close = difflib.get_close_matches(cmap, list(matplotlib.colormaps), n=3)
-            raise ValueError(f"expected a matplotlib colormap name, got {cmap!r} (close: {close})")
+        rendering.check_cmap(cmap)
         if input_key is not None and input_fn is not None:
             raise ValueError("expected at most one of `input_key` and `input_fn`, got both")
         if input_fn is not None and not callable(input_fn):

@@ -15,6 +15,7 @@ only those to the CPU before rendering.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 
@@ -304,17 +305,21 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 @functools.cache
+def check_cmap(cmap: str) -> str:
+    """Returns ``cmap`` if matplotlib knows it; else a ValueError naming the closest names."""
+    if cmap in matplotlib.colormaps:
+        return cmap
+    close = difflib.get_close_matches(str(cmap), list(matplotlib.colormaps), n=3)
+    names = ", ".join(repr(n) for n in close or _COMMON_CMAPS)
+    raise ValueError(
+        f"expected a matplotlib colormap name such as {names} "
+        f"(see matplotlib.colormaps), got {cmap!r}"
+    )
+
+
 def _lut(cmap: str) -> Tensor:
     """The 256-entry RGB table of a matplotlib colormap, (256, 3) float32 on the CPU."""
-    try:
-        colormap = matplotlib.colormaps[cmap]
-    except KeyError:
-        names = ", ".join(repr(n) for n in _COMMON_CMAPS)
-        raise ValueError(
-            f"expected a matplotlib colormap name such as {names} "
-            f"(see matplotlib.colormaps), got {cmap!r}"
-        ) from None
-    rgba = colormap(np.linspace(0.0, 1.0, 256))  # (256, 4)
+    rgba = matplotlib.colormaps[check_cmap(cmap)](np.linspace(0.0, 1.0, 256))  # (256, 4)
     return torch.from_numpy(rgba[:, :3]).float()
 
 

@@ -45,7 +45,6 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
@@ -538,11 +537,10 @@ def _positive_int(text: str) -> int:
 
 
 def _colormap(name: str) -> str:
-    if name not in matplotlib.colormaps:
-        raise argparse.ArgumentTypeError(
-            f"{name!r} is not a matplotlib colormap (e.g. viridis, magma, gray)"
-        )
-    return name
+    try:
+        return rendering.check_cmap(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

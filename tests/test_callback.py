@@ -96,7 +96,7 @@ def _fit(tmp_path, cb, logger=None, model=None, train=None, val=None, **kwargs):
         (dict(layers="conv1", max_channels=True), "expected `max_channels`"),
         (dict(layers="conv1", normalize="global"), "expected `normalize` in"),
         (dict(layers="conv1", order="random"), "expected `order` in"),
-        (dict(layers="conv1", cmap="viridiss"), "close: ['viridis'"),
+        (dict(layers="conv1", cmap="viridiss"), "such as 'viridis'"),
         (dict(layers="conv1", input_key="x", input_fn=lambda b: b), "at most one of"),
         (dict(layers="conv1", input_fn="not callable"), "expected `input_fn` to be callable"),
     ],

@@ -162,3 +162,12 @@ def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_d
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = tmp_path / "logs" / "debug" / "version_1" / "feature_maps" / "conv1"
     assert [p.name for p in sorted(resumed.glob("*.png"))] == ["epoch=002.png"]
+
+    # the visualizer reads the real checkpoint train.py wrote (weights only)
+    from fm_lightning.visualize import main as visualize
+
+    out = tmp_path / "vis"
+    argv = ["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data-dir", mnist_dir]
+    assert visualize([*argv, "--mnist-index", "0", "1", "--compare", "--out", str(out)]) == 0
+    for name in ("conv1/trained.png", "conv1/untrained.png", "compare_conv2.png", "index.html"):
+        assert (out / name).is_file(), name
