@@ -142,6 +142,11 @@ class FeatureMapCallback(Callback):
         except ValueError as err:
             raise ValueError(f"FeatureMapCallback: {err}") from None
         self.local_dir = self.save_dir or _default_local_dir(trainer)
+        if self.save_dir is None:
+            # A second FeatureMapCallback (say, added by class path) gets a directory of its own.
+            ours = [cb for cb in trainer.callbacks if isinstance(cb, FeatureMapCallback)]
+            if len(ours) > 1 and ours.index(self) > 0:
+                self.local_dir += f"_{ours.index(self) + 1}"
         if stage == "fit" and trainer.limit_val_batches == 0:
             rank_zero_warn(
                 "FeatureMapCallback: validation is disabled (limit_val_batches=0), "

@@ -157,6 +157,16 @@ def test_local_pngs_one_per_layer_per_captured_epoch(tmp_path):
         assert Image.open(os.path.join(root, layer, "evolution.gif")).n_frames == 2
 
 
+def test_a_second_callback_gets_its_own_directory(tmp_path):
+    first = FeatureMapCallback(layers=["conv1"])
+    second = FeatureMapCallback(layers=["fc1"], num_images=2)
+    _fit(tmp_path, first, logger=CSVLogger(tmp_path, name="run"), extra_callbacks=[second])
+    assert second.local_dir == first.local_dir + "_2"
+    assert len(_pngs(os.path.join(first.local_dir, "conv1"))) == 2
+    assert len(_pngs(os.path.join(second.local_dir, "fc1"))) == 2
+    assert not os.path.exists(os.path.join(first.local_dir, "fc1"))
+
+
 def test_stats_are_logged_on_the_validation_step(tmp_path):
     cb = FeatureMapCallback(layers=["conv1"])
     trainer, _ = _fit(tmp_path, cb, logger=CSVLogger(tmp_path, name="run"), max_epochs=2)
