@@ -105,8 +105,8 @@ def test_help_documents_every_flag():
         assert flag in out.stdout, flag
 
 
-@pytest.mark.slow
-def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_dir):
+def _train_debug(cwd, mnist_dir, *flags) -> subprocess.CompletedProcess:
+    """`python train.py --config configs/debug.yaml ...` in ``cwd``; fails the test if it fails."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -115,13 +115,20 @@ def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_d
             str(REPO / "configs" / "debug.yaml"),
             f"--data.data_dir={mnist_dir}",
             "--trainer.enable_progress_bar=false",
+            *flags,
         ],
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_dir):
+    proc = _train_debug(tmp_path, mnist_dir)
     run = tmp_path / "logs" / "debug" / "version_0"
     assert "test accuracy: " in proc.stdout
     assert "feature maps:  logs/debug/version_0/feature_maps" in proc.stdout
@@ -143,23 +150,8 @@ def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_d
         assert max(img.getextrema()) > min(img.getextrema())
 
     # --ckpt_path resumes that run for one more epoch, probe and all
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            "--config",
-            str(REPO / "configs" / "debug.yaml"),
-            f"--data.data_dir={mnist_dir}",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.max_epochs=3",
-            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    _train_debug(tmp_path, mnist_dir, "--trainer.max_epochs=3", f"--ckpt_path={last}")
     resumed = tmp_path / "logs" / "debug" / "version_1" / "feature_maps" / "conv1"
     assert [p.name for p in sorted(resumed.glob("*.png"))] == ["epoch=002.png"]
 
