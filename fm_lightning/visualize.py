@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drawing.add_argument(
         "--normalize",
-        choices=("channel", "layer"),
+        choices=rendering.NORMALIZE_MODES,
         default="channel",
         help="channel: each map to its own range; layer: one range per image (default: channel)",
     )
@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drawing.add_argument(
         "--order",
-        choices=("index", "activation"),
+        choices=rendering.ORDERS,
         default="index",
         help="index: the first channels; activation: the most active first (default: index)",
     )
