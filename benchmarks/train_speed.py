@@ -189,13 +189,9 @@ last_loss: dict[str, float] = {}
 epoch_only: dict[str, list[float]] = {"lightning": []}
 
 
-def run_lightning(
-    name: str, module_cls=ImageClassifier, max_batches: int | None = None, tiny: bool = False
-) -> float:
-    timer = EpochTimer()
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        limit_train_batches=max_batches if max_batches is not None else 1.0,
+def training_only_trainer(**kwargs) -> pl.Trainer:
+    """A Trainer that only trains: no validation, logger, checkpoints, bar or summary."""
+    return pl.Trainer(
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
@@ -204,6 +200,17 @@ def run_lightning(
         enable_model_summary=False,
         accelerator=device.type,
         devices=1,
+        **kwargs,
+    )
+
+
+def run_lightning(
+    name: str, module_cls=ImageClassifier, max_batches: int | None = None, tiny: bool = False
+) -> float:
+    timer = EpochTimer()
+    trainer = training_only_trainer(
+        max_epochs=args.epochs,
+        limit_train_batches=max_batches if max_batches is not None else 1.0,
         callbacks=[timer],
     )
     model = module_cls(new_net(tiny))
@@ -302,17 +309,7 @@ if args.breakdown:
     # Direct stopwatches: unlike differences of whole runs, these do not drown in machine noise.
     print("  measured directly (ms per training step):")
     timed_module = TimedLogClassifier(new_net())
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator=device.type,
-        devices=1,
-    )
+    trainer = training_only_trainer(max_epochs=1)
     trainer.fit(timed_module, datamodule=dm)
     print(
         f"    self.log('train/loss') call      {timed_module.log_s / trainer.global_step * 1e3:.3f}"
