@@ -125,7 +125,9 @@ def normalize_maps(act: Tensor, mode: str = "channel") -> Tensor:
         act: Activations of shape (N, C, H, W), any real dtype.
         mode: ``"channel"`` normalises each (image, channel) map on its own, showing the
             pattern inside every map; ``"layer"`` uses one min/max per image over all its
-            channels, so channel magnitudes stay comparable.
+            channels, so channel magnitudes stay comparable. 1x1 maps (a global pool's
+            (N, C, 1, 1) embedding) always use one min/max per image: a single value
+            normalised on its own would be drawn flat.
 
     Returns:
         float32 tensor of shape (N, C, H, W) with values in [0, 1].
@@ -135,7 +137,8 @@ def normalize_maps(act: Tensor, mode: str = "channel") -> Tensor:
     if act.dim() != 4:
         raise ValueError(f"expected a (N, C, H, W) tensor, got shape {tuple(act.shape)}")
     x = act.float()
-    dims = (-2, -1) if mode == "channel" else (-3, -2, -1)
+    per_map = mode == "channel" and x.shape[-2:] != (1, 1)
+    dims = (-2, -1) if per_map else (-3, -2, -1)
     finite = x.isfinite()
     lo = x.masked_fill(~finite, math.inf).amin(dim=dims, keepdim=True)  # (N, C|1, 1, 1)
     hi = x.masked_fill(~finite, -math.inf).amax(dim=dims, keepdim=True)
@@ -188,7 +191,8 @@ def feature_grid(
 
     Supported shapes:
 
-    - (N, C, H, W): convolutional feature maps.
+    - (N, C, H, W): convolutional feature maps. 1x1 maps are normalised across the drawn
+      channels of each image, whichever ``normalize`` mode, so their values show.
     - (N, C, L): 1-D feature maps, drawn as maps of height 1 (then enlarged).
     - (N, F): e.g. a Linear layer, drawn as one heatmap with a row (8 px tall) per image
       and a column per feature. Each row (image) has its own min/max, whichever

@@ -200,6 +200,19 @@ def test_non_finite_values_render_finite_and_finite_parts_still_vary():
     assert grid[1:17, 1:17].float().std() > 0  # the finite map is still drawn
 
 
+@pytest.mark.parametrize("mode", ["channel", "layer"])
+def test_one_by_one_maps_share_one_range_per_image_whatever_the_mode(mode):
+    # A global pool's (N, C, 1, 1) output: per-map min-max would draw every tile at 0.
+    act = torch.tensor([[1.0, 3.0, 2.0], [-50.0, 50.0, 0.0]]).view(2, 3, 1, 1)
+    out = normalize_maps(act, mode)
+    assert out.flatten(1).tolist() == [[0.0, 1.0, 0.5], [0.0, 1.0, 0.5]]
+
+    grid = feature_grid(act, normalize=mode)  # 1x1 tiles enlarged to 16x16
+    tiles = [grid[1:17, 1 + 17 * c : 17 + 17 * c] for c in range(3)]
+    assert len({tuple(t[0, 0].tolist()) for t in tiles}) == 3  # three distinct colours
+    assert all((t == t[0, 0]).all() for t in tiles)  # each tile is one flat colour
+
+
 def test_normalize_maps_rejects_non_4d():
     with pytest.raises(ValueError, match=r"expected a \(N, C, H, W\) tensor, got shape \(2, 3\)"):
         normalize_maps(torch.randn(2, 3))
