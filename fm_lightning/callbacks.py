@@ -9,34 +9,35 @@ or, from any LightningCLI script, by class path alone:
         --trainer.callbacks.layers=[conv1]
 
 How it works: the first validation batches give a fixed probe of ``num_images`` inputs (kept in the
-callback's ``state_dict``, so it survives resuming). At the end of a captured validation run, the
-probe goes through the model once more, in eval mode and without gradients, with forward hooks on
-the chosen layers for that pass only. The hooks pick the channels that will be drawn on the device
-and only those leave it; rank zero renders them (``fm_lightning.rendering``), hands them to the
-Trainer's loggers (W&B, TensorBoard) and writes them as PNG files. Nothing here can stop
-training: a failure warns once per cause and the run goes on (``strict=True`` raises instead).
+callback's ``state_dict``, so it survives resuming). At the end of the last validation of a captured
+epoch, a copy of the probe goes through the model once more (``fm_lightning.capture``: eval mode, no
+gradients, eager even for compiled models, hooks on the chosen layers for that pass only). Each
+layer's output is read as maps or features (``fm_lightning.layouts``), the channels to draw are
+picked on the device, and rank zero renders them (``fm_lightning.rendering``) and hands them to
+every logger and the local files (``fm_lightning.publishing``). Nothing here can stop training: a
+failure warns once per cause and the run goes on (``strict=True`` raises instead).
 """
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from torch import nn
+from typing_extensions import override
 
-from fm_lightning import gallery, rendering
-from fm_lightning.files import safe_path_part, save_png
+from fm_lightning import capture, rendering
+from fm_lightning.files import safe_path_part
+from fm_lightning.layouts import check_layout
+from fm_lightning.publishing import LocalRun, Picture, publish, publish_gifs
 
 # Keys tried, in order, when a batch is a dict and no input_key/input_fn was given.
 _DICT_INPUT_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
@@ -47,21 +48,30 @@ class FeatureMapCallback(Callback):
 
     Args:
         layers: names from ``model.named_modules()`` or glob patterns (``"conv*"``,
-            ``"layer1.*.conv1"``), relative to the LightningModule.
+            ``"layer1.*.conv1"``, ``"**.fc1"``), relative to the LightningModule; see
+            :func:`fm_lightning.capture.resolve_layers`. Resolved when fitting starts, after
+            ``configure_model()``, so layers built there can be named too.
         every_n_epochs: capture at the validation of epochs n-1, 2n-1, ... (Lightning's count,
-            as in ``check_val_every_n_epoch``; at most once per epoch).
+            as in ``check_val_every_n_epoch``). With several validations per epoch
+            (``val_check_interval``), the last one of the epoch is drawn.
         num_images: probe images, taken from the first validation batches.
         max_channels: channels drawn per layer (rows are images, columns channels).
-        save_dir: where the PNGs go (always written, whatever the loggers). ``None``:
-            ``<logger save_dir>/<name>/<version>/feature_maps``, beside the checkpoints.
+        save_dir: where the PNGs and ``index.html`` go (always written, whatever the loggers).
+            ``None``: ``<logger save_dir>/<name>/<version>/feature_maps``, beside the checkpoints.
         normalize: ``"channel"`` scales each map to its own range; ``"layer"`` shares one range
             per image across channels, so magnitudes compare.
         cmap: a matplotlib colormap name.
         order: ``"index"`` draws the first channels; ``"activation"`` the most active first.
-        input_key: where the input is in a batch: a dict key or a tuple index. Default: the
+        input_key: where the model input is in a batch: a dict key or a tuple index. Default: the
             batch itself, its first element, or a usual dict key (``"image"``, ``"x"``, ...).
-        input_fn: a function ``batch -> input tensor``, for batches ``input_key`` can't reach.
+        input_fn: a function ``batch -> model input``. It may return a Tensor (``model(x)``), a
+            tuple (``model(*x)``) or a dict (``model(**x)``, e.g. ``{"pixel_values": ...}``).
+        layouts: per-layer reading of outputs the automatic rule cannot guess,
+            ``{pattern: layout}`` with a layout from :data:`fm_lightning.layouts.LAYOUTS` or a
+            function ``output tensor -> (N, C, H, W) or (N, F)``, e.g. ``{"blocks.*": "tokens"}``.
         log_stats: also log per-layer mean, std, fraction of zeros and dead channels as scalars.
+        name: tells two FeatureMapCallbacks in one Trainer apart: their checkpoint state and
+            their default directory (``feature_maps_<name>``).
         strict: raise on failures instead of warning once and carrying on.
 
     Example:
@@ -77,16 +87,18 @@ class FeatureMapCallback(Callback):
         num_images: int = 4,
         max_channels: int = 32,
         save_dir: str | None = None,
-        normalize: str = "channel",
+        normalize: Literal["channel", "layer"] = "channel",
         cmap: str = "viridis",
-        order: str = "index",
+        order: Literal["index", "activation"] = "index",
         input_key: str | int | None = None,
-        input_fn: Callable[[Any], torch.Tensor] | None = None,
+        input_fn: Callable[[Any], Any] | None = None,
+        layouts: Mapping[str, str | Callable] | None = None,
         log_stats: bool = True,
+        name: str | None = None,
         strict: bool = False,
     ) -> None:
         layers = [layers] if isinstance(layers, str) else list(layers)
-        if not layers or not all(isinstance(name, str) and name for name in layers):
+        if not layers or not all(isinstance(layer, str) and layer for layer in layers):
             raise ValueError(f"expected `layers` to be non-empty layer names, got {layers!r}")
         for arg, value in (
             ("every_n_epochs", every_n_epochs),
@@ -106,6 +118,18 @@ class FeatureMapCallback(Callback):
             raise ValueError("expected at most one of `input_key` and `input_fn`, got both")
         if input_fn is not None and not callable(input_fn):
             raise ValueError(f"expected `input_fn` to be callable, got {type(input_fn).__name__}")
+        if layouts is not None and not isinstance(layouts, Mapping):
+            raise ValueError(
+                f"expected `layouts` to be a dict {{pattern: layout}}, got {type(layouts).__name__}"
+            )
+        checked_layouts = {}
+        for pattern, layout in (layouts or {}).items():
+            try:
+                checked_layouts[pattern] = check_layout(layout)
+            except ValueError as err:
+                raise ValueError(f"layouts[{pattern!r}]: {err}") from None
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"expected `name` to be a non-empty string or None, got {name!r}")
 
         self.layers = layers
         self.every_n_epochs = every_n_epochs
@@ -117,14 +141,15 @@ class FeatureMapCallback(Callback):
         self.order = order
         self.input_key = input_key
         self.input_fn = input_fn
+        self.layouts = checked_layouts
         self.log_stats = log_stats
+        self.name = name
         self.strict = strict
 
-        self.probe: torch.Tensor | None = None  # (N, ...) on the model's device once complete
-        self._probe_parts: list[torch.Tensor] = []
-        self._modules: dict[str, nn.Module] = {}  # resolved in setup()
-        self._captures: dict[str, dict[str, Any]] = {}  # filled by the hooks of one capture
-        self._last_epoch: int | None = None
+        self.probe: Any = None  # Tensor, tuple or dict of (N, ...) tensors once complete
+        self._probe_parts: list[Any] = []
+        self._modules: dict[str, nn.Module] = {}  # resolved when fitting starts
+        self._capturing = False  # this validation run is the one to draw
         self._warned: set[str] = set()
         self._disabled = False
         self.local_dir: str | None = None
@@ -132,32 +157,42 @@ class FeatureMapCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     @property
+    @override
     def state_key(self) -> str:
-        # Two of these callbacks (say, on different layers) keep their probes apart in a checkpoint.
-        return self._generate_state_key(layers=self.layers, num_images=self.num_images)
+        # The state is the probe: it depends on how many images and whose it is, not on `layers`,
+        # so adding a layer on resume keeps the probe.
+        return self._generate_state_key(num_images=self.num_images, name=self.name)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        try:
-            self._modules = resolve_layers(pl_module, self.layers)
-        except ValueError as err:
-            raise ValueError(f"FeatureMapCallback: {err}") from None
-        self.local_dir = self.save_dir or _default_local_dir(trainer)
-        if self.save_dir is None:
-            # A second FeatureMapCallback (say, added by class path) gets a directory of its own.
-            ours = [cb for cb in trainer.callbacks if isinstance(cb, FeatureMapCallback)]
-            if len(ours) > 1 and ours.index(self) > 0:
-                self.local_dir += f"_{ours.index(self) + 1}"
-        if stage == "fit" and trainer.limit_val_batches == 0:
-            rank_zero_warn(
-                "FeatureMapCallback: validation is disabled (limit_val_batches=0), "
-                "so no feature maps will be logged."
+        default_dir = "feature_maps" if self.name is None else f"feature_maps_{self.name}"
+        self.local_dir = self.save_dir or _default_local_dir(trainer, safe_path_part(default_dir))
+        others = [cb for cb in trainer.callbacks if isinstance(cb, FeatureMapCallback)]
+        if any(cb is not self and cb.local_dir == self.local_dir for cb in others):
+            raise ValueError(
+                "FeatureMapCallback: expected each FeatureMapCallback in one Trainer to have its "
+                f"own `name` (or `save_dir`), got two writing to {self.local_dir}"
             )
 
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resolve(pl_module)  # after configure_model(), before the first training step
+        if not _has_validation(trainer, pl_module):
+            rank_zero_warn(
+                "FeatureMapCallback: this fit has no validation loop (no validation_step, no "
+                "val dataloader, or limit_val_batches=0), so no feature maps will be logged."
+            )
+
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._modules:  # trainer.validate(): no on_fit_start
+            self._resolve(pl_module)
         # An unfinished probe (say, from the short sanity check) starts over, so no image repeats.
         if self.probe is None:
             self._probe_parts = []
+        self._capturing = _is_captured(trainer, self.every_n_epochs)
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -171,88 +206,108 @@ class FeatureMapCallback(Callback):
             return
         try:
             x = self._extract_input(batch)
+            have = sum(capture.num_rows(part) for part in self._probe_parts)
+            self._probe_parts.append(capture.take_rows(x, self.num_images - have))
         except Exception as err:  # a misread batch must not stop validation
             self._fail("input", err, disable=True)
             return
-        have = sum(len(part) for part in self._probe_parts)
-        self._probe_parts.append(x[: self.num_images - have].detach().clone())
-        if have + len(self._probe_parts[-1]) >= self.num_images:
+        if have + capture.num_rows(self._probe_parts[-1]) >= self.num_images:
             self._local_probe()
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
         # Every rank reaches the same verdict here, so the broadcast below is never left waiting.
-        if (
-            trainer.sanity_checking
-            or (epoch + 1) % self.every_n_epochs != 0
-            or epoch == self._last_epoch
-        ):
+        if not self._capturing:
             return
-        self._last_epoch = epoch
+        self._capturing = False
         probe = self._local_probe()
         try:
             # Ranks see different validation shards (or none, or failed to read theirs): rank
             # zero's probe, or its None, is the one every rank uses. Sent from the CPU, so
             # unpickling it on another rank does not touch rank zero's GPU.
-            probe = trainer.strategy.broadcast(None if probe is None else probe.cpu(), src=0)
+            cpu = None if probe is None else capture.to_device(probe, "cpu")
+            probe = trainer.strategy.broadcast(cpu, src=0)
         except Exception as err:
             self._fail("capture", err)
             return
         if probe is None:
             return
-        self.probe = probe.to(pl_module.device)
+        self.probe = capture.to_device(probe, pl_module.device)
+        # Only rank zero draws, but every rank runs the forward so sharded models stay in step.
+        modules = self._modules if trainer.is_global_zero else {}
         try:
-            self._capture(trainer, pl_module)
+            captured, _ = capture.capture(
+                pl_module,
+                self.probe,
+                modules,
+                max_channels=self.max_channels,
+                order=self.order,
+                layouts_by_layer=self.layouts,
+                stats=self.log_stats,
+                forward_context=trainer.precision_plugin.forward_context(),
+            )
         except Exception as err:
             self._fail("capture", err)
             return
         if trainer.is_global_zero:
-            self._log(trainer, epoch)
+            for layer in capture.not_run(modules, captured):
+                self._warn_once(
+                    f"not-run:{layer}",
+                    f"FeatureMapCallback: layer {layer!r} did not run in the probe pass, so it is "
+                    "not drawn. Likely reasons: a training-only branch (an auxiliary head), a "
+                    "fused kernel that bypasses the module (fused attention), or a branch the "
+                    "forward skips for these inputs.",
+                )
+            self._log(trainer, trainer.current_epoch, captured)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One GIF per layer across the captured epochs, written locally and sent to W&B."""
-        if not trainer.is_global_zero or not os.path.isdir(self.local_dir):
-            return  # nothing was written, so nothing to animate
-        try:
-            gifs = gallery.write_gifs(self.local_dir)
-        except Exception as err:
-            self._fail("files", err)  # the same cause as the PNGs: warned about once
-            return
-        for logger in trainer.loggers:
-            if gifs and isinstance(logger, WandbLogger):
-                try:
-                    self._log_wandb_gifs(logger, gifs, _logging_step(trainer))
-                except Exception as err:
-                    self._fail(type(logger).__name__, err)
+        if trainer.is_global_zero:
+            publish_gifs(trainer.loggers, self.local_dir, _logging_step(trainer), self._fail)
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._modules = {}  # no reference to the model outlives the run
+        self._capturing = False
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"probe": None if self.probe is None else self.probe.cpu()}
+        return {"probe": None if self.probe is None else capture.to_device(self.probe, "cpu")}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe = state_dict.get("probe")
         self._probe_parts = []
 
     # ------------------------------------------------------------------ capture
 
-    def _local_probe(self) -> torch.Tensor | None:
+    def _resolve(self, pl_module: pl.LightningModule) -> None:
+        try:
+            self._modules = capture.resolve_layers(pl_module, self.layers)
+        except ValueError as err:
+            raise ValueError(f"FeatureMapCallback: {err}") from None
+
+    def _local_probe(self) -> Any:
         """This rank's probe: complete, or the short one validation gave, or None."""
         if self._disabled:
             return None
         if self.probe is None and self._probe_parts:
             parts, self._probe_parts = self._probe_parts, []
             try:
-                self.probe = torch.cat(parts)
+                self.probe = capture.concat_rows(parts)
             except Exception as err:  # batches of different shapes or dtypes
                 self._fail("input", err, disable=True)
                 return None
-            if len(self.probe) < self.num_images:
+            have = capture.num_rows(self.probe)
+            if have < self.num_images:
                 rank_zero_warn(
-                    f"FeatureMapCallback: validation gave only {len(self.probe)} of "
+                    f"FeatureMapCallback: validation gave only {have} of "
                     f"num_images={self.num_images} probe images."
                 )
         return self.probe
 
-    def _extract_input(self, batch: Any) -> torch.Tensor:
+    def _extract_input(self, batch: Any) -> Any:
         if self.input_fn is not None:
             x = self.input_fn(batch)
         elif self.input_key is not None:
@@ -274,152 +329,63 @@ class FeatureMapCallback(Callback):
                 "expected a batch that is a Tensor, tuple, list or dict, got "
                 f"{type(batch).__name__}; pass FeatureMapCallback(input_fn=...) to pick the input"
             )
-        if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        if not isinstance(x, (torch.Tensor, tuple, list, Mapping)):
             raise TypeError(
-                f"expected the model input to be a batched Tensor (N, ...), got {_describe(x)}"
+                f"expected the model input to be a Tensor, tuple or dict, got {_describe(x)}"
             )
+        capture.num_rows(x)  # raises for inputs without a common batch size
         return x
-
-    def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """One forward pass of the probe with hooks on the chosen layers; fills self._captures."""
-        self._captures = {}
-        # Only rank zero draws, but every rank runs the forward so sharded models stay in step.
-        modules = self._modules if trainer.is_global_zero else {}
-        modes = {m: m.training for m in pl_module.modules()}
-        try:
-            pl_module.eval()
-            with (
-                forward_hooks(modules, self._record),
-                torch.no_grad(),
-                trainer.precision_plugin.forward_context(),
-            ):
-                pl_module(self.probe)
-        finally:
-            for module, training in modes.items():
-                module.train(training)
-
-    def _record(self, key: str, output: Any) -> None:
-        """Hook body: keep the channels that will be drawn, moving only those off the device."""
-        act = rendering.first_tensor(output)
-        if act is None:
-            self._captures[key] = {"error": f"output is {_describe(output)}, not a tensor"}
-            return
-        if act.ndim not in (2, 3, 4) or act.numel() == 0:  # stats and grids need a batch of maps
-            shape = tuple(act.shape)
-            self._captures[key] = {
-                "error": f"expected a (N, C, H, W) or (N, F) activation, got shape {shape}"
-            }
-            return
-        act = act.detach()
-        channels = None
-        drawn = act  # (N, F) and (N, C, L) are small enough to move whole
-        if act.ndim == 4:  # (N, C, H, W): pick the drawn channels here, on the device
-            channels = rendering.select_channels(act, self.max_channels, self.order)
-            drawn = act.index_select(1, channels)
-        self._captures[key] = {
-            "act": drawn.float().cpu(),
-            "channels": None if channels is None else channels.cpu(),
-            "stats": rendering.activation_stats(act) if self.log_stats else {},
-        }
 
     # ------------------------------------------------------------------ rendering and logging
 
-    def _log(self, trainer: pl.Trainer, epoch: int) -> None:
-        """Rank zero: render every captured layer and hand the images to each destination."""
+    def _log(self, trainer: pl.Trainer, epoch: int, captured: dict[str, capture.Captured]) -> None:
+        """Rank zero: render every captured layer and publish the pictures."""
         step = _logging_step(trainer)
-        images: dict[str, Any] = {}  # tag -> uint8 (H, W, 3)
-        captions: dict[str, str] = {}
+        pictures: list[Picture] = []
         scalars: dict[str, float] = {}
         layer_stats: dict[str, dict[str, float]] = {}
-        for name, cap in self._captures.items():
-            if "error" in cap:
+        for key, cap in captured.items():
+            if cap.error is not None:
                 self._warn_once(
-                    f"skip:{name}", f"FeatureMapCallback: skipping layer {name!r}: {cap['error']}."
+                    f"skip:{key}", f"FeatureMapCallback: skipping layer {key!r}: {cap.error}."
                 )
                 continue
             try:
                 grid = rendering.feature_grid(
-                    cap["act"],
+                    cap.act,
                     max_channels=self.max_channels,
                     normalize=self.normalize,
                     cmap=self.cmap,
                     order=self.order,
-                    channels=cap["channels"],
+                    channels=cap.channels,
                 )
             except rendering.UnsupportedActivationError as err:
-                self._warn_once(
-                    f"skip:{name}", f"FeatureMapCallback: skipping layer {name!r}: {err}."
-                )
+                self._warn_once(f"skip:{key}", f"FeatureMapCallback: skipping {key!r}: {err}.")
                 continue
             except Exception as err:
                 self._fail("render", err)
                 continue
-            images[f"feature_maps/{name}"] = grid
-            captions[f"feature_maps/{name}"] = f"epoch {epoch}, step {step}, {_channels_text(cap)}"
-            layer_stats[name] = cap["stats"]
-            for stat, value in cap["stats"].items():
-                scalars[f"feature_stats/{name}/{stat}"] = value
-        self._captures = {}
-        try:
-            inputs = rendering.image_grid(self.probe.float().cpu())
-        except Exception as err:
-            self._fail("render", err)
-            inputs = None
-        if inputs is not None:
-            images["probe_inputs"] = inputs
-            captions["probe_inputs"] = f"{len(self.probe)} fixed validation inputs"
-
-        for logger in trainer.loggers:
+            caption = f"epoch {epoch}, step {step}, {_channels_text(cap)}"
+            if cap.note:
+                caption += f"; {cap.note}"
+            folder = safe_path_part(key)
+            pictures.append(
+                Picture(f"feature_maps/{key}", f"{folder}/epoch={epoch:03d}.png", grid, caption)
+            )
+            layer_stats[folder] = cap.stats
+            for stat, value in cap.stats.items():
+                scalars[f"feature_stats/{key}/{stat}"] = value
+        images = capture.first_image(self.probe)  # non-image inputs have no strip, quietly
+        if images is not None:
             try:
-                if isinstance(logger, WandbLogger):
-                    self._log_wandb(logger, images, captions, scalars, step)
-                    continue
-                if isinstance(logger, TensorBoardLogger):
-                    for tag, img in images.items():
-                        logger.experiment.add_image(tag, img, global_step=step, dataformats="HWC")
-                if scalars:
-                    logger.log_metrics(scalars, step=step)
+                strip = rendering.image_grid(images.float().cpu())
+                caption = f"{len(images)} fixed validation inputs"
+                pictures.append(Picture("probe_inputs", "probe_inputs.png", strip, caption))
             except Exception as err:
-                self._fail(type(logger).__name__, err)
-        try:
-            self._save_local(images, layer_stats, epoch)
-        except Exception as err:
-            self._fail("files", err)
-
-    @staticmethod
-    def _log_wandb(logger: WandbLogger, images, captions, scalars, step: int) -> None:
-        import wandb
-
-        # One call, so images, stats and the step land in a single W&B history row.
-        # wandb reads a torch tensor as (C, H, W); a uint8 numpy (H, W, 3) array is drawn as-is.
-        row: dict[str, Any] = {
-            tag: wandb.Image(np.asarray(img), caption=captions[tag]) for tag, img in images.items()
-        }
-        logger.log_metrics({**row, **scalars}, step=step)
-
-    @staticmethod
-    def _log_wandb_gifs(logger: WandbLogger, gifs: dict[str, os.PathLike], step: int) -> None:
-        import wandb
-
-        videos = {
-            f"feature_maps_evolution/{layer}": wandb.Video(str(path), format="gif")
-            for layer, path in gifs.items()
-        }
-        logger.log_metrics(videos, step=step)
-
-    def _save_local(self, images: dict[str, Any], layer_stats, epoch: int) -> None:
-        """PNGs in the layout fm_lightning.gallery reads, then its stats file and index.html."""
-        for tag, img in images.items():
-            if tag == "probe_inputs":
-                path = os.path.join(self.local_dir, "probe_inputs.png")
-            else:
-                layer = safe_path_part(tag.removeprefix("feature_maps/"))
-                path = os.path.join(self.local_dir, layer, f"epoch={epoch:03d}.png")
-            save_png(img, path)
-        if layer_stats:
-            stats = {safe_path_part(name): values for name, values in layer_stats.items()}
-            gallery.append_stats(self.local_dir, epoch, stats)
-        gallery.write_index(self.local_dir, title=os.path.dirname(self.local_dir) or "feature maps")
+                self._fail("render", err)
+        title = os.path.dirname(self.local_dir) or "feature maps"
+        local = LocalRun(self.local_dir, epoch, layer_stats, title)
+        publish(trainer.loggers, pictures, scalars, step, local, self._fail)
 
     # ------------------------------------------------------------------ failures
 
@@ -442,66 +408,7 @@ class FeatureMapCallback(Callback):
             if rank_zero_only.rank == 0:
                 rank_zero_warn(message)
             else:  # a failure on another rank must not go unseen
-                warnings.warn(f"[rank {rank_zero_only.rank}] {message}", stacklevel=2)
-
-
-@contextmanager
-def forward_hooks(
-    modules: Mapping[str, nn.Module], record: Callable[[str, Any], None]
-) -> Iterator[None]:
-    """Forward hooks on ``modules`` for the body of the ``with`` only, removed however it ends.
-
-    Each output goes to ``record(key, output)``; ``key`` is the module's name, or ``name@2``,
-    ``name@3``... when a module runs again in the same pass (SimpleCNN's shared ``pool``).
-    """
-    calls: dict[str, int] = {}
-
-    def make_hook(name: str) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            record(name if calls[name] == 1 else f"{name}@{calls[name]}", output)
-
-        return hook
-
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:
-    """Map exact names and glob patterns to ``{name: module}``, in ``named_modules()`` order.
-
-    Names are those of ``model.named_modules()``. A LightningModule usually holds its network in
-    one attribute (``self.net``), so a pattern that matches no full name is also tried without
-    that first part: ``conv1`` finds ``net.conv1`` and is reported as ``conv1``.
-
-    Raises:
-        ValueError: a pattern matches no layer; the message lists the layers and the closest names.
-    """
-    named = {name: module for name, module in model.named_modules() if name}
-    chosen: dict[str, nn.Module] = {}
-    for pattern in patterns:
-        hits = {name: named[name] for name in named if fnmatch.fnmatchcase(name, pattern)}
-        if not hits:  # try names relative to a direct child: "net.conv1" -> "conv1"
-            hits = {
-                name.split(".", 1)[1]: module
-                for name, module in named.items()
-                if "." in name and fnmatch.fnmatchcase(name.split(".", 1)[1], pattern)
-            }
-        if not hits:
-            relative = [name.split(".", 1)[1] for name in named if "." in name]
-            close = difflib.get_close_matches(pattern, [*named, *relative], n=3, cutoff=0.5)
-            hint = f" Closest: {', '.join(close)}." if close else ""
-            raise ValueError(
-                f"layer {pattern!r} matches nothing in {type(model).__name__}."
-                f"{hint} Available layers: {', '.join(named) or '(none)'}."
-            )
-        chosen.update(hits)
-    order = {module: i for i, module in enumerate(named.values())}
-    return dict(sorted(chosen.items(), key=lambda item: order[item[1]]))
+                warnings.warn(rank_prefixed_message(message, rank_zero_only.rank), stacklevel=2)
 
 
 def _logging_step(trainer: pl.Trainer) -> int:
@@ -510,27 +417,45 @@ def _logging_step(trainer: pl.Trainer) -> int:
     return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
 
 
-def _default_local_dir(trainer: pl.Trainer) -> str:
-    """``<save_dir>/<name>/<version>/feature_maps``: beside the checkpoints, as ModelCheckpoint
+def _default_local_dir(trainer: pl.Trainer, folder: str) -> str:
+    """``<save_dir>/<name>/<version>/<folder>``: beside the checkpoints, as ModelCheckpoint
     places them, so every run (W&B ones included) gets its own directory."""
     if not trainer.loggers:
-        return os.path.join(trainer.default_root_dir, "feature_maps")
+        return os.path.join(trainer.default_root_dir, folder)
     logger = trainer.loggers[0]
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     save_dir = logger.save_dir or trainer.default_root_dir
     # Every rank calls setup(); rank zero's answer wins (other ranks may not know the version).
-    return trainer.strategy.broadcast(
-        os.path.join(save_dir, str(logger.name), version, "feature_maps")
-    )
+    return trainer.strategy.broadcast(os.path.join(save_dir, str(logger.name), version, folder))
 
 
-def _channels_text(cap: dict[str, Any]) -> str:
-    if cap["channels"] is None:
-        return f"{cap['act'].shape[-1]} features"
-    shown = cap["channels"].tolist()
+def _is_captured(trainer: pl.Trainer, every_n_epochs: int) -> bool:
+    """Whether the validation starting now is drawn: the last one of a captured epoch."""
+    if trainer.sanity_checking or (trainer.current_epoch + 1) % every_n_epochs != 0:
+        return False
+    if not trainer.training and trainer.state.fn != "fit":
+        return True  # trainer.validate(): one validation, drawn
+    # Mid-epoch validations (val_check_interval < 1) are skipped: the epoch's frame shows the
+    # model at the end of the epoch (or where fitting stops early).
+    loop = trainer.fit_loop.epoch_loop
+    return bool(loop.batch_progress.is_last_batch or loop._is_training_done or trainer.should_stop)
+
+
+def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    if trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module):
+        return False
+    # The same test Lightning makes before it skips its validation loop.
+    return trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined()
+
+
+def _channels_text(cap: capture.Captured) -> str:
+    if cap.channels is None:
+        return f"{cap.act.shape[-1]} of {cap.total_channels} features"
+    shown = cap.channels.tolist()
+    total = f" of {cap.total_channels}"
     if shown == list(range(shown[0], shown[0] + len(shown))):
-        return f"channels {shown[0]}-{shown[-1]}"
-    return "channels " + ",".join(map(str, shown))
+        return f"channels {shown[0]}-{shown[-1]}{total}"
+    return "channels " + ",".join(map(str, shown)) + total
 
 
 def _describe(obj: Any) -> str:

@@ -101,5 +101,10 @@ def save_png(img: Tensor | np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def safe_path_part(name: str) -> str:
-    """A layer name as a directory name: ``layer1.0.conv1`` and ``pool@2`` stay as they are."""
-    return re.sub(r"[^A-Za-z0-9_.@-]", "_", name)
+    """A layer name as one directory name: ``layer1.0.conv1`` and ``pool@2`` stay as they are.
+
+    Anything else becomes ``_``, and so do names made only of dots (``.``, ``..``: PyTorch accepts
+    them as module names), so the result never leaves the directory it is joined to.
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", name)
+    return "_" * len(safe) if not safe.strip(".") else safe

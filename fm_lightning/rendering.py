@@ -32,7 +32,6 @@ __all__ = [
     "activation_stats",
     "colorize",
     "feature_grid",
-    "first_tensor",
     "image_grid",
     "normalize_maps",
     "select_channels",
@@ -56,31 +55,6 @@ _COMMON_CMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "gray")
 
 class UnsupportedActivationError(ValueError):
     """An activation whose shape cannot be drawn as a feature grid."""
-
-
-def first_tensor(output: object) -> Tensor | None:
-    """Return the tensor a layer's output should be drawn from.
-
-    Layers such as ``nn.LSTM`` return tuples; the first tensor is the activation.
-
-    Args:
-        output: A tensor, or a tuple/list whose items may be tensors or tuples/lists of
-            tensors (searched one level deep).
-
-    Returns:
-        The first tensor found, depth first, or ``None`` if there is none.
-    """
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, Tensor):
-                return item
-            if isinstance(item, (tuple, list)):
-                found = next((t for t in item if isinstance(t, Tensor)), None)
-                if found is not None:
-                    return found
-    return None
 
 
 @torch.no_grad()

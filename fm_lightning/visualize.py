@@ -51,7 +51,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor, nn
 
 from fm_lightning import rendering
-from fm_lightning.callbacks import forward_hooks, resolve_layers
+from fm_lightning.capture import capture, resolve_layers
 from fm_lightning.data import MNIST_MEAN, MNIST_STD, MNISTDataModule, load_mnist
 from fm_lightning.files import safe_path_part, save_png
 from fm_lightning.gallery import write_index
@@ -201,37 +201,6 @@ def untrained_model(seed: int, num_classes: int = 10) -> SimpleCNN:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return SimpleCNN(num_classes=num_classes).eval()
-
-
-@torch.no_grad()
-def capture(
-    model: nn.Module, x: Tensor, modules: Mapping[str, nn.Module]
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Runs ``x`` through ``model`` once, in eval mode, recording the outputs of ``modules``.
-
-    Args:
-        model: the network.
-        x: its input batch, e.g. (N, 1, 28, 28) float32.
-        modules: ``{name: module}`` as from ``resolve_layers``.
-
-    Returns:
-        ``({name: activation}, logits)``. A module called twice gives ``name`` and ``name@2``.
-    """
-    acts: dict[str, Tensor] = {}
-
-    def record(key: str, output: object) -> None:
-        act = rendering.first_tensor(output)
-        if act is not None:
-            acts[key] = act.detach().float().cpu()
-
-    was_training = model.training
-    try:
-        model.eval()
-        with forward_hooks(modules, record):
-            logits = model(x)
-    finally:
-        model.train(was_training)
-    return acts, logits
 
 
 # -----------------------------------------------------------------------------
@@ -615,15 +584,22 @@ def _write(
     grids: dict[str, dict[str, np.ndarray]] = {}  # layer -> variant -> grid
     predictions: dict[str, str] = {}
     for variant, model in models.items():
-        acts, logits = capture(model, x, resolve_layers(model, args.layers))
+        modules = resolve_layers(model, args.layers)
+        captured, logits = capture(
+            model, x, modules, max_channels=args.max_channels, order=args.order, stats=False
+        )
         predictions[variant] = _predictions(logits)
-        for layer, act in acts.items():
+        for layer, cap in captured.items():
+            if cap.error is not None:
+                _note(f"{layer} is not drawn: {cap.error}")
+                continue
             grid = rendering.feature_grid(
-                act,
+                cap.act,
                 max_channels=args.max_channels,
                 normalize=args.normalize,
                 cmap=args.cmap,
                 order=args.order,
+                channels=cap.channels,
             ).numpy()
             grids.setdefault(layer, {})[variant] = grid
             written.append(save_png(grid, out / safe_path_part(layer) / f"{variant}.png"))

@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN, rendering
-from fm_lightning.callbacks import forward_hooks, resolve_layers
+from fm_lightning.capture import forward_hooks, resolve_layers
 
 
 def _pngs(root) -> list[str]:
@@ -157,11 +157,22 @@ def test_local_pngs_one_per_layer_per_captured_epoch(tmp_path):
         assert Image.open(os.path.join(root, layer, "evolution.gif")).n_frames == 2
 
 
-def test_a_second_callback_gets_its_own_directory(tmp_path):
+def test_two_callbacks_need_names_and_then_keep_apart(tmp_path):
+    # Same state (the probe of 4 images): Lightning refuses them; a `name` tells them apart.
+    same = [FeatureMapCallback(layers=["conv1"]), FeatureMapCallback(layers=["fc1"])]
+    with pytest.raises(RuntimeError, match="state_key` must be unique"):
+        _fit(tmp_path, same[0], extra_callbacks=same[1:])
+    # Different states but one directory: refused before they overwrite each other's files.
+    same_dir = [FeatureMapCallback(layers=["conv1"]), FeatureMapCallback("fc1", num_images=2)]
+    with pytest.raises(ValueError, match="its own `name`"):
+        _fit(tmp_path, same_dir[0], extra_callbacks=same_dir[1:])
     first = FeatureMapCallback(layers=["conv1"])
-    second = FeatureMapCallback(layers=["fc1"], num_images=2)
-    _fit(tmp_path, first, logger=CSVLogger(tmp_path, name="run"), extra_callbacks=[second])
-    assert second.local_dir == first.local_dir + "_2"
+    second = FeatureMapCallback(layers=["fc1"], num_images=2, name="dense")
+    trainer, _ = _fit(
+        tmp_path, first, logger=CSVLogger(tmp_path, name="run"), extra_callbacks=[second]
+    )
+    assert second.local_dir == first.local_dir + "_dense"
+    assert first.state_key != second.state_key
     assert len(_pngs(os.path.join(first.local_dir, "conv1"))) == 2
     assert len(_pngs(os.path.join(second.local_dir, "fc1"))) == 2
     assert not os.path.exists(os.path.join(first.local_dir, "fc1"))
@@ -219,7 +230,7 @@ def test_wandb_offline_run_holds_non_blank_images(tmp_path):
     assert len(val_steps) == 3 and [r["trainer/global_step"] for r in image_rows] == val_steps
     assert (
         image_rows[0]["feature_maps/conv1/caption"]
-        == f"epoch 0, step {val_steps[0]}, channels 0-15"
+        == f"epoch 0, step {val_steps[0]}, channels 0-15 of 16"
     )
     assert "feature_stats/conv2/dead_channels" in image_rows[0]
     # the evolution GIFs arrive once, at the end of fit
@@ -360,7 +371,12 @@ def test_order_by_activation_draws_the_most_active_channels(tmp_path):
     # Redo the probe pass by hand on the weights the capture saw (fit ends right after it).
     acts = {}
     model.eval()
-    with forward_hooks({"conv2": model.net.conv2}, acts.__setitem__), torch.no_grad():
+    with (
+        forward_hooks(
+            {"conv2": model.net.conv2}, lambda key, module, out: acts.__setitem__(key, out)
+        ),
+        torch.no_grad(),
+    ):
         model(cb.probe)
     expected = rendering.feature_grid(acts["conv2"], max_channels=4, order="activation")
     drawn = np.asarray(Image.open(os.path.join(cb.local_dir, "conv2", "epoch=000.png")))
@@ -494,7 +510,7 @@ class _TupleOut(nn.Module):
 
 class _DictOut(nn.Module):
     def forward(self, x):
-        return {"features": x}
+        return {"mask": None, "features": x}
 
 
 class _Score(nn.Module):
@@ -502,7 +518,7 @@ class _Score(nn.Module):
         return x.flatten(1).mean(1)  # (N,): a shape no grid can draw
 
 
-def test_tuple_outputs_use_first_tensor_and_unsupported_warn_once(tmp_path):
+def test_tuple_and_dict_outputs_use_first_tensor_and_unsupported_warn_once(tmp_path):
     net = SimpleCNN()
     net.extra = nn.ModuleDict({"pair": _TupleOut(), "mapping": _DictOut(), "score": _Score()})
     model = ImageClassifier(net)
@@ -518,13 +534,11 @@ def test_tuple_outputs_use_first_tensor_and_unsupported_warn_once(tmp_path):
         warnings.simplefilter("always")
         _fit(tmp_path, cb, model=model, max_epochs=2)
     ours = [str(w.message) for w in record if "FeatureMapCallback" in str(w.message)]
-    assert len(ours) == 2, ours  # one per unsupported layer, not one per epoch
-    assert any("'extra.mapping'" in m and "not a tensor" in m for m in ours)
-    assert any("'extra.score'" in m and "got shape (4,)" in m for m in ours)
+    assert len(ours) == 1, ours  # one per unsupported layer, not one per epoch
+    assert "'extra.score'" in ours[0] and "got shape (4,)" in ours[0]
     # the layers that can be drawn still are
-    assert len(_pngs(tmp_path / "maps" / "extra.pair")) == 2
-    assert len(_pngs(tmp_path / "maps" / "conv1")) == 2
-    assert not os.path.exists(tmp_path / "maps" / "extra.mapping")
+    for layer in ("extra.pair", "extra.mapping", "conv1"):
+        assert len(_pngs(tmp_path / "maps" / layer)) == 2
     assert not os.path.exists(tmp_path / "maps" / "extra.score")
 
 

@@ -13,7 +13,6 @@ from fm_lightning.rendering import (
     activation_stats,
     colorize,
     feature_grid,
-    first_tensor,
     image_grid,
     normalize_maps,
     select_channels,
@@ -280,21 +279,6 @@ def test_unknown_colormap_error_lists_valid_names():
     with pytest.raises(ValueError, match="expected a matplotlib colormap name") as info:
         colorize(torch.rand(2, 2), "not-a-cmap")
     assert "'viridis'" in str(info.value) and "got 'not-a-cmap'" in str(info.value)
-
-
-# ------------------------------------------------------------------------------ first_tensor
-
-
-def test_first_tensor():
-    t, u = torch.zeros(1), torch.ones(1)
-    assert first_tensor(t) is t
-    assert first_tensor((t, u)) is t
-    assert first_tensor([None, "x", u, t]) is u
-    assert first_tensor((None, (u, t))) is u
-    assert first_tensor([[], [3, t]]) is t
-    assert first_tensor((1, "a")) is None
-    assert first_tensor(None) is None
-    assert first_tensor({"x": t}) is None
 
 
 # -------------------------------------------------------------------------------- image_grid

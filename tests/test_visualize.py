@@ -13,7 +13,7 @@ from conftest import REPO, random_loader, tiny_trainer
 from PIL import Image, ImageDraw, ImageFilter
 
 from fm_lightning import ImageClassifier, SimpleCNN
-from fm_lightning.visualize import capture, main
+from fm_lightning.visualize import main
 
 # SimpleCNN grids for 2 images, as rendering.feature_grid draws them (1 px separators):
 # conv1: 16 channels of 24x24; conv2: 32 channels of 8x8, enlarged to 16x16.
@@ -195,17 +195,6 @@ def test_unwritable_out(digits, tmp_path, capsys):
     blocker.write_text("")
     err = _error(capsys, ["--untrained", "--image", *digits, "--out", str(blocker / "out")])
     assert f"cannot write to {blocker / 'out'}" in err
-
-
-def test_capture_removes_its_hooks_even_when_forward_fails():
-    model = SimpleCNN()
-    modules = {"conv1": model.conv1, "conv2": model.conv2}
-    acts, logits = capture(model, torch.zeros(2, 1, 28, 28), modules)
-    assert acts["conv1"].shape == (2, 16, 24, 24) and logits.shape == (2, 10)
-    with pytest.raises(RuntimeError):
-        capture(model, torch.zeros(2, 3, 28, 28), modules)  # conv1 takes 1 channel
-    assert all(not m._forward_hooks for m in model.modules())
-    assert model.training  # the caller's mode is restored
 
 
 @pytest.mark.slow
