@@ -100,6 +100,9 @@ class TopKExamples:
     inputs' dtype for the crops.
     """
 
+    #: Device types where update() may read values on the host (free there) to skip work.
+    host_read_devices: frozenset[str] = frozenset({"cpu"})
+
     def __init__(self, k: int, channels: Tensor, rf: ReceptiveField, overlay: bool = True) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"expected k to be an int >= 1, got {k!r}")
@@ -134,45 +137,58 @@ class TopKExamples:
             )
         if len(inputs) != b:
             raise ValueError(f"expected inputs for the {b} maps of act, got {len(inputs)}")
-        if int(self.channels.max()) >= c:
-            raise ValueError(f"expected channels < {c} (act has {c}), got {self.channels.tolist()}")
         if self._state is None:
+            if int(self.channels.max()) >= c:  # checked once: a host read of the indices
+                raise ValueError(
+                    f"expected channels < {c} (act has {c}), got {self.channels.tolist()}"
+                )
             self._state = self._empty(c, inputs, act.device)
+            self.channels = self.channels.to(act.device)
         elif self._state["channel_max"].shape != (c,):
             raise ValueError(
                 f"expected act with {len(self._state['channel_max'])} channels, got {c}"
             )
-        s, k, device = self._state, self.k, act.device
-        channels = self.channels.to(device)
-        x = act.detach().float().nan_to_num(nan=-math.inf)  # NaN never wins nor keeps a unit alive
-        s["channel_max"] = torch.maximum(s["channel_max"], x.amax(dim=(0, 2, 3)))
-        maps = x.index_select(1, channels)  # (B, Cd, h, w)
-        score, flat = maps.flatten(2).max(dim=2)  # (B, Cd): best value and where
+        s, k, channels, device = self._state, self.k, self.channels, act.device
+        act, inputs = act.detach(), inputs.detach()
+        # On the CPU reading a value on the host is free, so work is skipped where nothing
+        # changes; on an accelerator that read would wait for it, so every slot is computed.
+        host = device.type in self.host_read_devices
+        # Each map's best value; a map holding NaN scores -inf: it never wins and never keeps
+        # its channel alive.
+        best = act.amax(dim=(2, 3)).float().nan_to_num(nan=-math.inf)  # (B, C)
+        s["channel_max"] = torch.maximum(s["channel_max"], best.amax(dim=0))
+        scores = best.index_select(1, channels).T  # (Cd, B)
+        if host and not (scores >= s["scores"][:, -1:]).any():
+            return  # no input of this batch reaches any channel's k-th place
         cd = len(channels)
-        cand_scores = torch.cat([s["scores"], score.T], dim=1)  # (Cd, k + B)
+        cand_scores = torch.cat([s["scores"], scores], dim=1)  # (Cd, k + B)
         cand_indices = torch.cat([s["indices"], indices.to(device).long().expand(cd, b)], dim=1)
         order = _rank(cand_scores, cand_indices)[:, :k]  # (Cd, k) columns of the candidates
-        new = order >= k  # (Cd, k): the slot is filled from this batch
-        old = order.clamp(max=k - 1)
-        row = (order - k).clamp(min=0)  # (Cd, k): the batch row of a new slot
-        flat = flat.T.gather(1, row)  # (Cd, k)
-        positions = torch.stack([flat // w, flat % w], dim=-1)  # (Cd, k, 2)
-        # Crops for every slot (Cd x k of them, whatever B), then the old ones where they stay:
-        # no host sync to find which slots changed.
-        crops = crop_at(inputs.detach(), positions.view(-1, 2), self.rf, row.view(-1))
-        crops = crops.view(cd, k, *crops.shape[1:]).to(device)  # (Cd, k, Cin, ch, cw)
-        ch_idx = torch.arange(cd, device=device)[:, None]
         s["scores"] = cand_scores.gather(1, order)
         s["indices"] = cand_indices.gather(1, order)
-        s["positions"] = torch.where(new[..., None], positions, s["positions"][ch_idx, old])
-        s["crops"] = torch.where(_expand(new, crops), crops, s["crops"][ch_idx, old])
+        new = (order >= k).flatten()  # (Cd*k,): the slot is filled from this batch
+        old = order.clamp(max=k - 1)  # where a kept slot was
+        # The slots to compute: the new ones on the CPU, all of them elsewhere.
+        slots = new.nonzero().flatten() if host else torch.arange(cd * k, device=device)  # (S,)
+        fresh = new[slots]  # (S,)
+        images = (order - k).clamp(min=0).flatten()[slots]  # (S,) batch rows
+        maps_of = channels.repeat_interleave(k)[slots]  # (S,) channels
+        flat = act.flatten(2)[images, maps_of].argmax(dim=1)  # (S,) where the best value is
+        at = torch.stack([flat // w, flat % w], dim=-1)  # (S, 2) on the layer's grid
+        ch_idx = torch.arange(cd, device=device)[:, None]
+
+        def move(key: str, values: Tensor) -> None:
+            """Kept entries to their new ranks (block copies), `values` into the new slots."""
+            moved = s[key][ch_idx, old]  # (Cd, k, ...)
+            view = moved.view(cd * k, *moved.shape[2:])
+            view[slots] = torch.where(fresh.view(-1, *[1] * (view.dim() - 1)), values, view[slots])
+            s[key] = moved
+
+        move("positions", at)
+        rows, cols, inside = _windows(at, self.rf, inputs.shape[-2:])  # of the new crops
+        move("crops", _crop(inputs, images, rows, cols, inside))  # (S, Cin, ch, cw)
         if self.overlay:
-            under = maps[row, ch_idx]  # (Cd, k, h, w): each new slot's own map
-            overlays = _overlay_at(under.view(-1, h, w), positions.view(-1, 2), self.rf, inputs)
-            overlays = overlays.view(cd, k, *overlays.shape[1:])
-            s["overlays"] = torch.where(
-                _expand(new, overlays), overlays, s["overlays"][ch_idx, old]
-            )
+            move("overlays", _overlay_at(act, images, maps_of, rows, cols, self.rf))
 
     def state(self) -> dict[str, Tensor]:
         """Fixed-shape tensors for ``LightningModule.all_gather`` (same shapes on every rank).
@@ -364,17 +380,7 @@ def crop_at(
     if positions.dim() != 2 or positions.shape[1] != 2 or len(positions) != len(images):
         raise ValueError(f"expected positions of shape ({len(images)}, 2), got {_shape(positions)}")
     positions, images = positions.to(inputs.device), images.to(inputs.device)
-    rows, in_y = _window(positions[:, 0], rf.height, rf.stride[0], rf.offset[0], inputs.shape[-2])
-    cols, in_x = _window(positions[:, 1], rf.width, rf.stride[1], rf.offset[1], inputs.shape[-1])
-    chans = torch.arange(inputs.shape[1], device=inputs.device)
-    crops = inputs[
-        images[:, None, None, None],
-        chans[None, :, None, None],
-        rows[:, None, :, None],
-        cols[:, None, None, :],
-    ]  # (N, Cin, height, width)
-    inside = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (N, 1, height, width)
-    return crops.masked_fill(~inside, _fill(inputs.dtype))
+    return _crop(inputs, images, *_windows(positions, rf, inputs.shape[-2:]))
 
 
 @torch.no_grad()
@@ -565,37 +571,55 @@ def _axis(a: tuple[int, int], b: tuple[int, int], pa: int, pb: int, n_in: int, n
     return a[1] - a[0] + 1, stride, (a[0] + a[1]) / 2 - stride * pa
 
 
-def _window(
-    pos: Tensor, size: int, stride: float, offset: float, n_in: int
-) -> tuple[Tensor, Tensor]:
-    """(N, size) clamped input pixel indices of windows around grid positions; which are inside."""
+def _windows(
+    positions: Tensor, rf: ReceptiveField, input_hw: tuple[int, int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The input pixels of the crops at (N, 2) grid positions.
+
+    Returns rows (N, height) and columns (N, width), clamped into the input, and which pixels
+    are inside it (N, height, width).
+    """
     # floor(v + 0.5): halves round up everywhere (torch.round's half-to-even would not)
-    start = torch.floor(offset + stride * pos.double() - (size - 1) / 2 + 0.5).long()  # (N,)
-    idx = start[:, None] + torch.arange(size, device=pos.device)  # (N, size)
-    inside = (idx >= 0) & (idx < n_in)
-    return idx.clamp(0, n_in - 1), inside
+    stride = torch.tensor(rf.stride, dtype=torch.float64, device=positions.device)
+    centre_to_start = torch.tensor(
+        [rf.offset[0] - (rf.height - 1) / 2 + 0.5, rf.offset[1] - (rf.width - 1) / 2 + 0.5],
+        dtype=torch.float64,
+        device=positions.device,
+    )
+    start = torch.floor(positions * stride + centre_to_start).long()  # (N, 2)
+    rows = start[:, :1] + torch.arange(rf.height, device=positions.device)  # (N, height)
+    cols = start[:, 1:] + torch.arange(rf.width, device=positions.device)  # (N, width)
+    height, width = input_hw
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None]
+    return rows.clamp(0, height - 1), cols.clamp(0, width - 1), inside
 
 
-def _overlay_at(maps: Tensor, positions: Tensor, rf: ReceptiveField, inputs: Tensor) -> Tensor:
-    """(N, height, width): each crop pixel gets the map value of its nearest grid position."""
-    positions = positions.to(inputs.device)
-    h, w = maps.shape[-2:]
-    rows, _ = _window(positions[:, 0], rf.height, rf.stride[0], rf.offset[0], inputs.shape[-2])
-    cols, _ = _window(positions[:, 1], rf.width, rf.stride[1], rf.offset[1], inputs.shape[-1])
-    gy = _nearest(rows, rf.stride[0], rf.offset[0], h).to(maps.device)  # (N, height)
-    gx = _nearest(cols, rf.stride[1], rf.offset[1], w).to(maps.device)  # (N, width)
-    n = torch.arange(len(maps), device=maps.device)
-    return maps[n[:, None, None], gy[:, :, None], gx[:, None, :]]
+def _crop(inputs: Tensor, images: Tensor, rows: Tensor, cols: Tensor, inside: Tensor) -> Tensor:
+    """(N, Cin, height, width) crops of inputs[images] at the given rows and columns."""
+    _, cin, height, width = inputs.shape
+    chans = torch.arange(cin, device=inputs.device)
+    # Flat indices into the contiguous batch: one 1-D gather, much faster than four index tensors.
+    base = (images[:, None] * cin + chans) * height  # (N, Cin)
+    idx = (base[:, :, None, None] + rows[:, None, :, None]) * width + cols[:, None, None, :]
+    crops = inputs.contiguous().view(-1)[idx]  # (N, Cin, height, width)
+    return crops.masked_fill(~inside[:, None], _fill(inputs.dtype))
+
+
+def _overlay_at(
+    act: Tensor, images: Tensor, channels: Tensor, rows: Tensor, cols: Tensor, rf: ReceptiveField
+) -> Tensor:
+    """(N, height, width) float32: each crop pixel gets act[image, channel] at its nearest cell."""
+    _, c, h, w = act.shape
+    gy = _nearest(rows, rf.stride[0], rf.offset[0], h)  # (N, height)
+    gx = _nearest(cols, rf.stride[1], rf.offset[1], w)  # (N, width)
+    base = (images * c + channels) * h  # (N,) start of each map in the flat activation
+    idx = (base[:, None, None] + gy[:, :, None]) * w + gx[:, None, :]  # (N, height, width)
+    return act.contiguous().view(-1)[idx].float()
 
 
 def _nearest(pixels: Tensor, stride: float, offset: float, n_grid: int) -> Tensor:
     """The grid position whose centre is nearest each input pixel, within the grid."""
     return torch.floor((pixels.double() - offset) / stride + 0.5).long().clamp(0, n_grid - 1)
-
-
-def _expand(mask: Tensor, like: Tensor) -> Tensor:
-    """(Cd, k) mask broadcastable against a (Cd, k, ...) tensor."""
-    return mask.view(*mask.shape, *[1] * (like.dim() - 2))
 
 
 def _fill(dtype: torch.dtype) -> float:

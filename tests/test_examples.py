@@ -146,6 +146,16 @@ def test_streaming_batches_of_any_size_equals_one_shot():
         assert_same(stream(model, images, indices, batches).result(), one_shot)
 
 
+def test_the_accelerator_path_without_host_reads_gives_the_same_result(monkeypatch):
+    model = Bars()
+    images, _, _ = bar_images()
+    batches = [range(5), [5], range(6, 10), [10, 11]]
+    cpu = stream(model, images, torch.arange(12), batches).result()
+    # As on a GPU: no host reads, every slot recomputed and merged with torch.where.
+    monkeypatch.setattr(TopKExamples, "host_read_devices", frozenset())
+    assert_same(stream(model, images, torch.arange(12), batches).result(), cpu)
+
+
 def test_merging_two_rank_shards_equals_one_process():
     model = Bars()
     images, _, _ = bar_images()
