@@ -1,14 +1,14 @@
 """What each channel responds to: streaming top-k validation examples and dead channels.
 
-    rf = receptive_field(model, model.conv2, first_val_inputs)      # once per layer
-    topk = TopKExamples(k=9, channels=torch.arange(16), rf=rf)      # one per layer and epoch
-    for inputs, indices in val_batches:                             # e.g. from a forward hook
-        topk.update(conv2_maps, inputs, indices)    # (B, C, h, w), (B, Cin, H, W), (B,)
+    rf = receptive_field(model, model.conv2, first_val_inputs)  # once per layer (unwrapped model)
+    topk = TopKExamples(k=9, channels=torch.arange(16), rf=rf)  # one per layer and epoch
+    for inputs, indices in val_batches:  # maps e.g. from a forward hook
+        topk.update(conv2_maps, inputs, indices)  # (B, C, h, w), (B, Cin, H, W), (B,)
     result = TopKExamples.merge(pl_module.all_gather(topk.state()))  # rank zero, under DDP
     save_png(examples_grid(result), "feature_maps/conv2/examples/epoch=003.png")
-    dead = DeadChannels()                                           # one per layer, whole run
+    dead = DeadChannels()  # one per layer, for the whole run
     dead.update(epoch=3, dead=result.dead)
-    if dead.crossed(0.5): warn(...)
+    if dead.crossed(0.5): warn(...)  # once per crossing
 
 The score of an input for channel c is the maximum of c's map over positions; the argmax position
 is kept, and the input crop around it covering the channel's receptive field. Memory is
@@ -296,7 +296,8 @@ def receptive_field(
     submodule's train/eval mode, never touches any ``.grad``, removes its hook on return.
 
     Args:
-        model: the model (or LightningModule) whose forward takes ``example_input``.
+        model: the model (or LightningModule, not its DDP wrapper: the pass stops at `layer`)
+            whose forward takes ``example_input``.
         layer: a submodule of ``model``.
         example_input: (B, Cin, H, W) floating-point inputs, e.g. a validation batch.
         position: (y, x) on the layer's grid; default the centre, least clipped by borders.
