@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import importlib.resources
 import io
 import json
 import math
@@ -295,4 +296,133 @@ def test_a_single_capture_still_renders(open_page, tmp_path):
     assert page.is_disabled("#epoch") and page.is_disabled("#play")
     page.wait_for_function(ALL_IMAGES_LOADED)
     assert images(page)[0][2] > 0
+    assert page.errors == []
+
+
+# ---------------------------------------------------------------------------- examples, cam, dead
+
+
+def test_append_stats_records_captions_and_dead_channels_and_checks_them(tmp_path):
+    append_stats(tmp_path, 0, {"conv1": STATS})  # without them: the entry has neither key
+    captions = {"conv1": "16 channels", "conv1/examples": "top 9", "cam": "GradCAM on conv2"}
+    append_stats(tmp_path, 1, {"conv1": STATS}, captions=captions, dead={"conv1": {7: 1, 3: 0}})
+
+    history = json.loads((tmp_path / "stats.json").read_text())["history"]
+    assert history[0] == {"epoch": 0, "stats": {"conv1": STATS}}
+    assert history[1]["captions"] == captions
+    assert history[1]["dead"] == {"conv1": {"3": 0, "7": 1}}  # JSON keys, by channel
+    for bad in ({"conv1": {-1: 0}}, {"conv1": {3: "0"}}, {"conv1": [3]}, {"conv1": {True: 0}}):
+        with pytest.raises(ValueError, match=r"expected dead\['conv1'\]"):
+            append_stats(tmp_path, 2, {}, dead=bad)
+    with pytest.raises(ValueError, match="expected captions"):
+        append_stats(tmp_path, 2, {}, captions={"conv1": 3})
+
+
+@pytest.fixture
+def examples_dir(tmp_path):
+    """conv1 with examples at epochs 0 and 2, conv2 without, a cam row; captions, dead channels."""
+    root = tmp_path / "feature maps"
+    for epoch in range(3):
+        add_frame(root, "cam", f"epoch={epoch:03d}", channels=3, seed=epoch)
+        add_frame(root, "conv2", f"epoch={epoch:03d}", seed=10 + epoch)
+        add_frame(root, "conv1", f"epoch={epoch:03d}", seed=20 + epoch)
+    for epoch in (0, 2):
+        add_frame(root, "conv1/examples", f"epoch={epoch:03d}", channels=9, size=6, seed=epoch)
+    dead = [{"conv1": {}}, {"conv1": {3: 1}}, {"conv1": {3: 1, 5: 2}}]
+    for epoch in range(3):
+        captions = {"conv1": f"maps e{epoch}", "conv1/examples": f"examples e{epoch}"}
+        captions["cam"] = f"cam e{epoch}"
+        append_stats(root, epoch, {"conv2": STATS, "conv1": STATS}, captions, dead[epoch])
+    return root
+
+
+def test_index_shows_examples_under_their_layer_captions_dead_channels_and_cam_last(examples_dir):
+    _, manifest = read_manifest(write_index(examples_dir))
+
+    rows = {row["name"]: row for row in manifest["layers"]}
+    assert list(rows) == ["conv2", "conv1", "cam"]  # recorded order, then cam
+    conv1 = rows["conv1"]
+    assert conv1["examples"]["src"] == [
+        "conv1/examples/epoch%3D000.png",
+        "conv1/examples/epoch%3D000.png",  # no examples at epoch 1: the last before
+        "conv1/examples/epoch%3D002.png",
+    ]
+    assert conv1["examples"]["from"] == [0, 0, 2]
+    # A caption describes the frame shown, so a gap repeats the earlier epoch's caption.
+    assert conv1["examples"]["caption"] == ["examples e0", "examples e0", "examples e2"]
+    assert conv1["caption"] == ["maps e0", "maps e1", "maps e2"]
+    assert conv1["dead"] == [[], [[3, 1]], [[3, 1], [5, 2]]]
+    assert rows["conv2"]["examples"] is None and rows["conv2"]["dead"] == [None] * 3
+    assert rows["cam"]["caption"] == ["cam e0", "cam e1", "cam e2"]
+    assert rows["cam"]["src"][2] == "cam/epoch%3D002.png" and rows["cam"]["stats"] == {}
+
+
+def test_index_inlines_the_packaged_css_and_js(examples_dir):
+    page = write_index(examples_dir).read_text()
+    assets = importlib.resources.files("fm_lightning") / "assets"
+    assert (assets / "gallery.css").read_text() in page
+    assert (assets / "gallery.js").read_text() in page
+    assert "$style" not in page and "$script" not in page and "$manifest" not in page
+
+
+def test_write_gifs_animates_cam_but_not_the_examples(examples_dir):
+    gifs = write_gifs(examples_dir)
+    assert set(gifs) == {"conv1", "conv2", "cam"}
+    with Image.open(gifs["cam"]) as gif:
+        assert gif.n_frames == 3
+    assert not list(examples_dir.glob("*/examples/*.gif"))
+    # A layer with examples but no maps gets no GIF (and no error).
+    add_frame(examples_dir, "fc/examples", "epoch=000")
+    add_frame(examples_dir, "fc/examples", "epoch=001")
+    assert "fc" not in write_gifs(examples_dir)
+
+
+def examples_state(page):
+    """[src, caption, note] of conv1's examples image, and the text of its dead-channel mark."""
+    return page.evaluate(
+        """() => {
+        const row = [...document.querySelectorAll('.layer')]
+            .find(s => s.querySelector('h2').firstChild.data === 'conv1');
+        const fig = row.querySelector('.examples');
+        const dead = row.querySelector('.dead');
+        return [fig.querySelector('img').getAttribute('src'),
+                fig.querySelector('figcaption').textContent,
+                fig.querySelector('.note').textContent,
+                dead.hidden ? null : dead.textContent,
+                getComputedStyle(dead).color];
+    }"""
+    )
+
+
+@pytest.mark.browser
+def test_examples_follow_the_slider_and_dead_channels_are_marked(open_page, examples_dir):
+    page = open_page(write_index(examples_dir, title="run"))
+    assert label(page) == "epoch 2"
+    page.wait_for_function(ALL_IMAGES_LOADED)
+    src, caption, note, dead, color = examples_state(page)
+    assert src == "conv1/examples/epoch%3D002.png" and caption == "examples e2" and note == ""
+    assert dead == "2 dead channels: 3 (since epoch 1), 5 (since epoch 2)"
+    assert color == "rgb(180, 35, 24)"  # red: the mark stands out
+    # Under conv1's maps, not in another row; conv2 has none; cam is the last row.
+    names = page.eval_on_selector_all(".layer h2", "els => els.map(e => e.firstChild.data)")
+    assert names == ["conv2", "conv1", "cam"]
+    assert page.eval_on_selector_all(".examples", "els => els.length") == 1
+    assert page.text_content(".layer:nth-child(3) figcaption") == "cam e2"
+
+    move_slider(page, 1)
+    src, caption, note, dead, _ = examples_state(page)
+    assert (src, caption, note) == (
+        "conv1/examples/epoch%3D000.png",
+        "examples e0",
+        "showing epoch 0",
+    )
+    assert dead == "1 dead channel: 3 (since epoch 1)"
+    page.wait_for_function(ALL_IMAGES_LOADED)
+
+    page.keyboard.press("ArrowLeft")
+    assert label(page) == "epoch 0"
+    src, caption, note, dead, _ = examples_state(page)
+    assert (src, caption, note, dead) == ("conv1/examples/epoch%3D000.png", "examples e0", "", None)
+    page.wait_for_function(ALL_IMAGES_LOADED)
+    assert all(complete and width > 0 for _, complete, width, hidden in images(page) if not hidden)
     assert page.errors == []

@@ -1,0 +1,631 @@
+"""What each channel responds to: streaming top-k validation examples and dead channels.
+
+    rf = receptive_field(model, model.conv2, first_val_inputs)  # once per layer (unwrapped model)
+    topk = TopKExamples(k=9, channels=torch.arange(16), rf=rf)  # one per layer and epoch
+    for inputs, indices in val_batches:  # maps e.g. from a forward hook
+        topk.update(conv2_maps, inputs, indices)  # (B, C, h, w), (B, Cin, H, W), (B,)
+    result = TopKExamples.merge(pl_module.all_gather(topk.state()))  # rank zero, under DDP
+    save_png(examples_grid(result), "feature_maps/conv2/examples/epoch=003.png")
+    dead = DeadChannels()  # one per layer, for the whole run
+    dead.update(epoch=3, dead=result.dead)
+    if dead.crossed(0.5): warn(...)  # once per crossing
+
+The score of an input for channel c is the maximum of c's map over positions; the argmax position
+is kept, and the input crop around it covering the channel's receptive field. Memory is
+O(drawn channels x k x crop pixels): a fixed-shape state on the layer's device, merged batch by
+batch, whatever the size of the validation set. Ties are broken by the smaller index, so the result
+is the same for any batching, any order of the stream and any split across processes
+(:meth:`TopKExamples.merge`). ``indices`` must identify an input across processes (its dataset
+index); the same index seen twice (DistributedSampler's padding) counts once.
+
+Receptive fields come from the model itself (:func:`receptive_field`: the nonzero extent of the
+input gradient of one output position), not from the architecture. Token layouts work on their
+patch grid: pass ``to_maps`` turning the layer's output into ``(N, C, h, w)`` maps. A token
+after global attention sees the whole input, so its field is the whole input and its grid is
+taken to tile the input (stride ``H / h``: the patch size). A field can also be set by hand,
+e.g. ``ReceptiveField(48, 48, stride=(16, 16), offset=(7.5, 7.5))`` for a 3x3-patch
+neighbourhood of a 16-pixel patch grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor, nn
+
+from fm_lightning.rendering import check_cmap, colorize, first_tensor, normalize_maps
+
+__all__ = [
+    "DeadChannels",
+    "ExamplesResult",
+    "ReceptiveField",
+    "TopKExamples",
+    "crop_at",
+    "examples_grid",
+    "receptive_field",
+]
+
+# Sorts after every real index, so empty slots rank last among equal (-inf) scores.
+_EMPTY = torch.iinfo(torch.int64).max
+
+
+class ReceptiveField(NamedTuple):
+    """Where a position of a layer's ``(h, w)`` grid looks in the ``(H, W)`` input, in pixels.
+
+    The centre of grid position ``(i, j)`` is input pixel ``offset + stride * (i, j)``
+    (fractional: between pixels); the crop is ``height x width`` pixels around it.
+    """
+
+    height: int
+    width: int
+    stride: tuple[float, float]  # (y, x) input pixels per grid step
+    offset: tuple[float, float]  # (y, x) input pixel at the centre of grid position (0, 0)
+
+
+@dataclass(frozen=True)
+class ExamplesResult:
+    """Top-k examples of one layer's drawn channels over a whole validation set."""
+
+    channels: Tensor  # (Cd,) long: the drawn channels, the rows of every field below
+    scores: Tensor  # (Cd, k) float32, best first; -inf in empty slots
+    indices: Tensor  # (Cd, k) long, the inputs' indices; -1 in empty slots
+    positions: Tensor  # (Cd, k, 2) long: (y, x) of the argmax on the layer's grid
+    crops: Tensor  # (Cd, k, Cin, h, w) input dtype; NaN (0 for integer inputs) outside the input
+    overlays: Tensor | None  # (Cd, k, h, w) float32: the channel's map under each crop, or None
+    channel_max: Tensor  # (C,) float32: every channel's maximum over all inputs and positions
+
+    @property
+    def dead(self) -> Tensor:
+        """(C,) bool: channels never above 0 for any input or position (NaN counts as not)."""
+        return ~(self.channel_max > 0)
+
+
+class TopKExamples:
+    """Streaming top-k inputs per drawn channel of one layer, for one validation run.
+
+    Args:
+        k: examples kept per channel (>= 1).
+        channels: (Cd,) indices of the channels to keep examples for (the drawn ones).
+            ``channel_max`` covers all channels whatever this is.
+        rf: the layer's receptive field, from :func:`receptive_field`.
+        overlay: also keep each crop's activation map (``ExamplesResult.overlays``).
+
+    The state is allocated at the first :meth:`update`, on the activations' device, with the
+    inputs' dtype for the crops.
+    """
+
+    #: Device types where update() may read values on the host (free there) to skip work.
+    host_read_devices: frozenset[str] = frozenset({"cpu"})
+
+    def __init__(self, k: int, channels: Tensor, rf: ReceptiveField, overlay: bool = True) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"expected k to be an int >= 1, got {k!r}")
+        if not isinstance(channels, Tensor) or channels.dim() != 1 or channels.is_floating_point():
+            raise ValueError(f"expected channels to be a 1-D integer tensor, got {channels!r}")
+        if not isinstance(rf, ReceptiveField):
+            raise TypeError(f"expected rf to be a ReceptiveField, got {type(rf).__name__}")
+        self.k = k
+        self.channels = channels.long()
+        self.rf = rf
+        self.overlay = overlay
+        self._state: dict[str, Tensor] | None = None
+
+    @torch.no_grad()
+    def update(self, act: Tensor, inputs: Tensor, indices: Tensor) -> None:
+        """Merge one batch into the top-k.
+
+        Args:
+            act: (B, C, h, w) the layer's maps for this batch, all channels.
+            inputs: (B, Cin, H, W) the batch's model input.
+            indices: (B,) integer index of each input (its dataset index), for ties and
+                :meth:`merge`.
+        """
+        if not isinstance(act, Tensor) or act.dim() != 4:
+            raise ValueError(f"expected act of shape (B, C, h, w), got {_shape(act)}")
+        if not isinstance(inputs, Tensor) or inputs.dim() != 4:
+            raise ValueError(f"expected inputs of shape (B, Cin, H, W), got {_shape(inputs)}")
+        b, c, h, w = act.shape
+        if not isinstance(indices, Tensor) or indices.shape != (b,) or indices.is_floating_point():
+            raise ValueError(
+                f"expected indices to be a ({b},) integer tensor, got {_shape(indices)}"
+            )
+        if len(inputs) != b:
+            raise ValueError(f"expected inputs for the {b} maps of act, got {len(inputs)}")
+        if self._state is None:
+            if int(self.channels.max()) >= c:  # checked once: a host read of the indices
+                raise ValueError(
+                    f"expected channels < {c} (act has {c}), got {self.channels.tolist()}"
+                )
+            self._state = self._empty(c, inputs, act.device)
+            self.channels = self.channels.to(act.device)
+        elif self._state["channel_max"].shape != (c,):
+            raise ValueError(
+                f"expected act with {len(self._state['channel_max'])} channels, got {c}"
+            )
+        s, k, channels, device = self._state, self.k, self.channels, act.device
+        act, inputs = act.detach(), inputs.detach()
+        # On the CPU reading a value on the host is free, so work is skipped where nothing
+        # changes; on an accelerator that read would wait for it, so every slot is computed.
+        host = device.type in self.host_read_devices
+        # Each map's best value; a map holding NaN scores -inf: it never wins and never keeps
+        # its channel alive.
+        best = act.amax(dim=(2, 3)).float().nan_to_num(nan=-math.inf)  # (B, C)
+        s["channel_max"] = torch.maximum(s["channel_max"], best.amax(dim=0))
+        scores = best.index_select(1, channels).T  # (Cd, B)
+        if host and not (scores >= s["scores"][:, -1:]).any():
+            return  # no input of this batch reaches any channel's k-th place
+        cd = len(channels)
+        cand_scores = torch.cat([s["scores"], scores], dim=1)  # (Cd, k + B)
+        cand_indices = torch.cat([s["indices"], indices.to(device).long().expand(cd, b)], dim=1)
+        order = _rank(cand_scores, cand_indices)[:, :k]  # (Cd, k) columns of the candidates
+        s["scores"] = cand_scores.gather(1, order)
+        s["indices"] = cand_indices.gather(1, order)
+        new = (order >= k).flatten()  # (Cd*k,): the slot is filled from this batch
+        old = order.clamp(max=k - 1)  # where a kept slot was
+        # The slots to compute: the new ones on the CPU, all of them elsewhere.
+        slots = new.nonzero().flatten() if host else torch.arange(cd * k, device=device)  # (S,)
+        fresh = new[slots]  # (S,)
+        images = (order - k).clamp(min=0).flatten()[slots]  # (S,) batch rows
+        maps_of = channels.repeat_interleave(k)[slots]  # (S,) channels
+        flat = act.flatten(2)[images, maps_of].argmax(dim=1)  # (S,) where the best value is
+        at = torch.stack([flat // w, flat % w], dim=-1)  # (S, 2) on the layer's grid
+        ch_idx = torch.arange(cd, device=device)[:, None]
+
+        def move(key: str, values: Tensor) -> None:
+            """Kept entries to their new ranks (block copies), `values` into the new slots."""
+            moved = s[key][ch_idx, old]  # (Cd, k, ...)
+            view = moved.view(cd * k, *moved.shape[2:])
+            view[slots] = torch.where(fresh.view(-1, *[1] * (view.dim() - 1)), values, view[slots])
+            s[key] = moved
+
+        move("positions", at)
+        rows, cols, inside = _windows(at, self.rf, inputs.shape[-2:])  # of the new crops
+        move("crops", _crop(inputs, images, rows, cols, inside))  # (S, Cin, ch, cw)
+        if self.overlay:
+            move("overlays", _overlay_at(act, images, maps_of, rows, cols, self.rf))
+
+    def state(self) -> dict[str, Tensor]:
+        """Fixed-shape tensors for ``LightningModule.all_gather`` (same shapes on every rank).
+
+        Keys: ``channels``, ``scores`` (empty slots -inf), ``indices``, ``positions``,
+        ``crops``, ``overlays`` (when kept) and ``channel_max``.
+        """
+        if self._state is None:
+            raise RuntimeError("TopKExamples.state() before any update(): no batch was seen")
+        return {"channels": self.channels.to(self._state["scores"].device), **self._state}
+
+    def nbytes(self) -> int:
+        """Bytes held by the state: bounded by the layer's shape, never by the batches seen."""
+        return sum(t.numel() * t.element_size() for t in (self._state or {}).values())
+
+    def result(self) -> ExamplesResult:
+        """This process's top-k (under DDP, :meth:`merge` the ranks' :meth:`state` instead)."""
+        return TopKExamples.merge([self.state()])
+
+    @staticmethod
+    @torch.no_grad()
+    def merge(states: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor]) -> ExamplesResult:
+        """Merge per-process states into the top-k of all their inputs.
+
+        Args:
+            states: a list of :meth:`state` dicts, or one dict as ``all_gather`` returns it
+                (every tensor with a leading world-size dimension).
+
+        Returns:
+            The same result one process would get from all the inputs: ranked by score
+            (descending), then index (ascending); an index seen on several ranks counts once.
+        """
+        if isinstance(states, Mapping):
+            gathered = states["scores"].dim() == 3  # (world, Cd, k); a single process: (Cd, k)
+            states = [
+                {key: t[i] for key, t in states.items()} if gathered else states
+                for i in range(len(states["scores"]) if gathered else 1)
+            ]
+        if not states:
+            raise ValueError("expected at least one state to merge, got none")
+        first = states[0]
+        k = first["scores"].shape[1]
+        per_slot = [key for key in first if key not in ("channels", "channel_max")]
+        cat = {key: torch.cat([s[key] for s in states], dim=1) for key in per_slot}
+        order = _rank(cat["scores"], cat["indices"])
+        scores, indices = cat["scores"].gather(1, order), cat["indices"].gather(1, order)
+        # Drop later copies of an index (the same input on two ranks): after a stable sort by
+        # index each copy follows its better-ranked twin.
+        by_index = indices.argsort(dim=1, stable=True)
+        sorted_idx = indices.gather(1, by_index)
+        repeat = torch.zeros_like(sorted_idx, dtype=torch.bool)
+        repeat[:, 1:] = sorted_idx[:, 1:] == sorted_idx[:, :-1]
+        repeat = torch.zeros_like(repeat).scatter(1, by_index, repeat)
+        scores = scores.masked_fill(repeat, -math.inf)
+        indices = indices.masked_fill(repeat, _EMPTY)
+        keep = order.gather(1, _rank(scores, indices)[:, :k])  # (Cd, k) columns of `cat`
+        rows = torch.arange(len(keep), device=keep.device)[:, None]
+        picked = {key: t[rows, keep] for key, t in cat.items()}
+        empty = picked["indices"] == _EMPTY
+        return ExamplesResult(
+            channels=first["channels"],
+            scores=picked["scores"],
+            indices=picked["indices"].masked_fill(empty, -1),
+            positions=picked["positions"],
+            crops=picked["crops"],
+            overlays=picked.get("overlays"),
+            channel_max=torch.stack([s["channel_max"] for s in states]).amax(dim=0),
+        )
+
+    def _empty(self, c: int, inputs: Tensor, device: torch.device) -> dict[str, Tensor]:
+        cd, k, rf = len(self.channels), self.k, self.rf
+        state = {
+            "scores": torch.full((cd, k), -math.inf, device=device),
+            "indices": torch.full((cd, k), _EMPTY, dtype=torch.long, device=device),
+            "positions": torch.zeros(cd, k, 2, dtype=torch.long, device=device),
+            "crops": torch.full(
+                (cd, k, inputs.shape[1], rf.height, rf.width),
+                _fill(inputs.dtype),
+                dtype=inputs.dtype,
+                device=device,
+            ),
+            "channel_max": torch.full((c,), -math.inf, device=device),
+        }
+        if self.overlay:
+            state["overlays"] = torch.zeros(cd, k, rf.height, rf.width, device=device)
+        return state
+
+
+def receptive_field(
+    model: nn.Module,
+    layer: nn.Module,
+    example_input: Tensor,
+    position: tuple[int, int] | None = None,
+    to_maps: Callable[[Tensor], Tensor] | None = None,
+) -> ReceptiveField:
+    """A layer's receptive field, from the input gradient of one of its output positions.
+
+    The gradient of the layer's output at ``position`` (all channels) with respect to the
+    input is taken for ``example_input`` and a noisy copy of it (so max-pool ties and dead
+    ReLUs in one input don't hide part of the field); its nonzero extent is the field. A second
+    position, one grid step further, gives the stride. The model runs in eval mode (batch
+    statistics would spread the gradient across the batch) up to ``layer`` only.
+
+    Works inside ``torch.inference_mode()`` and on inference tensors; restores every
+    submodule's train/eval mode, never touches any ``.grad``, removes its hook on return.
+
+    Args:
+        model: the model (or LightningModule, not its DDP wrapper: the pass stops at `layer`)
+            whose forward takes ``example_input``.
+        layer: a submodule of ``model``.
+        example_input: (B, Cin, H, W) floating-point inputs, e.g. a validation batch.
+        position: (y, x) on the layer's grid; default the centre, least clipped by borders.
+        to_maps: turns the layer's output into (N, C, h, w) maps (e.g. tokens -> patch grid);
+            default: the output must already be (N, C, h, w).
+
+    Returns:
+        The field; height and width are clipped to the input (a field larger than the input
+        is the whole input, and then the grid is taken to tile the input evenly).
+    """
+    if not isinstance(example_input, Tensor) or example_input.dim() != 4:
+        raise ValueError(
+            f"expected example_input of shape (B, Cin, H, W), got {_shape(example_input)}"
+        )
+    if not example_input.is_floating_point():
+        raise ValueError(f"expected a floating-point example_input, got {example_input.dtype}")
+    captured: list[Tensor] = []
+
+    def hook(module, args, output):
+        captured.append(first_tensor(output))
+        raise _Reached  # the rest of the forward pass is not needed
+
+    modes = {m: m.training for m in model.modules()}
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = example_input.clone()  # a normal tensor, even from an inference tensor
+            g = torch.Generator(device=x.device).manual_seed(0)
+            spread = x.float().std().nan_to_num(1.0).clamp(min=1e-3).item()
+            noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * spread
+            x = torch.cat([x, x + noise]).requires_grad_(True)  # (2B, Cin, H, W)
+            model.eval()
+            try:
+                model(x)
+            except _Reached:
+                pass
+            if not captured or captured[0] is None:
+                raise ValueError(
+                    "expected the layer to run in model(example_input) with a tensor output"
+                )
+            maps = to_maps(captured[0]) if to_maps is not None else captured[0]
+            if maps.dim() != 4:
+                raise ValueError(
+                    f"expected the layer's maps as (N, C, h, w), got {_shape(maps)}; pass to_maps"
+                )
+            h, w = maps.shape[-2:]
+            py, px = position if position is not None else (h // 2, w // 2)
+            if not (0 <= py < h and 0 <= px < w):
+                raise ValueError(f"expected position inside the {h}x{w} grid, got {(py, px)}")
+            qy = py + 1 if py + 1 < h else max(py - 1, 0)  # a neighbour, for the stride
+            qx = px + 1 if px + 1 < w else max(px - 1, 0)
+            box_a = _extent(maps, x, py, px, retain=True)
+            box_b = _extent(maps, x, qy, qx, retain=False)
+    finally:
+        handle.remove()
+        for module, training in modes.items():
+            module.train(training)
+    height_in, width_in = example_input.shape[-2:]
+    size_y, stride_y, offset_y = _axis(box_a[0], box_b[0], py, qy, height_in, h)
+    size_x, stride_x, offset_x = _axis(box_a[1], box_b[1], px, qx, width_in, w)
+    return ReceptiveField(size_y, size_x, (stride_y, stride_x), (offset_y, offset_x))
+
+
+@torch.no_grad()
+def crop_at(
+    inputs: Tensor, positions: Tensor, rf: ReceptiveField, images: Tensor | None = None
+) -> Tensor:
+    """Crops of ``inputs`` centred on layer-grid positions, padded outside the input.
+
+    Args:
+        inputs: (B, Cin, H, W).
+        positions: (N, 2) long (y, x) on the layer's grid, mapped to input pixels by ``rf``.
+        images: (N,) long: which input each crop comes from; default ``arange(B)`` (N == B).
+
+    Returns:
+        (N, Cin, rf.height, rf.width) in the inputs' dtype and device; outside the input NaN
+        (0 for integer dtypes).
+    """
+    if images is None:
+        images = torch.arange(len(inputs), device=inputs.device)
+    if positions.dim() != 2 or positions.shape[1] != 2 or len(positions) != len(images):
+        raise ValueError(f"expected positions of shape ({len(images)}, 2), got {_shape(positions)}")
+    positions, images = positions.to(inputs.device), images.to(inputs.device)
+    return _crop(inputs, images, *_windows(positions, rf, inputs.shape[-2:]))
+
+
+@torch.no_grad()
+def examples_grid(
+    result: ExamplesResult,
+    cmap: str = "inferno",
+    overlay: bool = True,
+    dead: Tensor | None = None,
+    min_tile_px: int = 48,
+) -> Tensor:
+    """Draw a layer's top-k examples: one row per drawn channel, its k crops best first.
+
+    Each tile is the crop (grayscale from the first channel, or RGB for 3 channels; one range
+    for the whole layer, so brightness compares), with the channel's activation blended over it
+    when ``overlay`` (one range per row), and the score written under it. Rows are labelled
+    ``ch N``; dead channels get a red label and frame. Outside the input is light grey.
+
+    Args:
+        result: from :meth:`TopKExamples.result` or :meth:`TopKExamples.merge`.
+        cmap: matplotlib colormap of the overlay.
+        overlay: blend the activation over the crops (needs ``result.overlays``).
+        dead: (C,) bool, the channels to mark; default ``result.dead``.
+        min_tile_px: tiles are enlarged by an integer factor to at least this size.
+
+    Returns:
+        (H, W, 3) uint8 tensor on the CPU.
+    """
+    check_cmap(cmap)
+    if overlay and result.overlays is None:
+        raise ValueError("expected a result with overlays for overlay=True; use overlay=False")
+    dead = (result.dead if dead is None else dead).cpu()
+    if dead.shape != result.channel_max.shape:
+        raise ValueError(
+            f"expected dead of shape {tuple(result.channel_max.shape)}, got {_shape(dead)}"
+        )
+    crops = result.crops.cpu().float()  # (Cd, k, Cin, h, w)
+    cd, k, cin, h, w = crops.shape
+    crops = crops[:, :, :3] if cin == 3 else crops[:, :, :1].expand(-1, -1, 3, -1, -1)
+    pad = crops.isnan()  # outside the input
+    # One range for the layer: normalize_maps over a single "image" holding every crop.
+    rgb = normalize_maps(crops.reshape(1, -1, h, w), "layer").view(cd, k, 3, h, w)
+    if overlay:
+        heat = colorize(
+            normalize_maps(result.overlays.cpu().float(), "layer"), cmap
+        )  # (Cd, k, 3, h, w)
+        rgb = (1 - _OVERLAY_ALPHA) * rgb + _OVERLAY_ALPHA * heat
+    rgb = rgb.masked_fill(pad, _OUTSIDE)
+    empty = (result.indices.cpu() < 0)[:, :, None, None, None]
+    rgb = rgb.masked_fill(empty.expand_as(rgb), _OUTSIDE)
+    zoom = max(1, math.ceil(min_tile_px / max(h, w)))
+    tiles = rgb.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)
+    tiles = (
+        tiles.mul(255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+    )  # (Cd, k, th, tw, 3)
+    th, tw = tiles.shape[2:4]
+    font = ImageFont.load_default(size=_FONT_PX)
+    cell_w, cell_h = tw + _GAP, th + _CAPTION_PX + _GAP
+    canvas = Image.new("RGB", (_LABEL_PX + k * cell_w + _GAP, cd * cell_h + _GAP), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    scores, channels = result.scores.cpu(), result.channels.cpu()
+    for r in range(cd):
+        top = _GAP + r * cell_h
+        is_dead = bool(dead[channels[r]])
+        color = _DEAD_RGB if is_dead else (0, 0, 0)
+        draw.text((2, top + 2), f"ch {int(channels[r])}", fill=color, font=font)
+        if is_dead:
+            draw.text((2, top + 2 + _FONT_PX + 2), "dead", fill=_DEAD_RGB, font=font)
+            draw.rectangle(
+                (_LABEL_PX - 2, top - 2, _LABEL_PX + k * cell_w - _GAP + 1, top + th + _CAPTION_PX),
+                outline=_DEAD_RGB,
+                width=2,
+            )
+        for j in range(k):
+            left = _LABEL_PX + j * cell_w
+            canvas.paste(Image.fromarray(tiles[r, j]), (left, top))
+            caption = "\u2013" if empty[r, j].item() else f"{float(scores[r, j]):.3g}"
+            draw.text((left + 1, top + th), caption, fill=color, font=font)
+    return torch.from_numpy(np.asarray(canvas).copy())
+
+
+class DeadChannels:
+    """One layer's dead channels across epochs: which, since when, and when to warn.
+
+    A channel is dead at an epoch when its maximum over all validation inputs and positions is
+    <= 0 (``ExamplesResult.dead``); it has been dead since the first epoch of its current
+    unbroken dead run (a channel that comes back to life starts over).
+
+        dead = DeadChannels()
+        dead.update(epoch, result.dead)
+        if dead.crossed(0.5):   # True once each time the fraction rises above 0.5
+            warnings.warn(f"conv2: {dead.fraction:.0%} of channels dead at epoch {epoch}")
+    """
+
+    def __init__(self) -> None:
+        self.since: dict[int, int] = {}  # channel -> epoch it has been dead since
+        self.num_channels = 0
+        self._above = False  # was the fraction above the threshold at the last crossed()?
+
+    def update(self, epoch: int, dead: Tensor) -> None:
+        """Record one epoch's (C,) bool dead mask."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"expected epoch to be an int >= 0, got {epoch!r}")
+        if not isinstance(dead, Tensor) or dead.dim() != 1 or dead.dtype != torch.bool:
+            raise ValueError(f"expected dead to be a (C,) bool tensor, got {_shape(dead)}")
+        now = dead.nonzero().flatten().tolist()
+        self.since = {c: self.since.get(c, epoch) for c in now}
+        self.num_channels = len(dead)
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the layer's channels dead at the last update (0.0 before any)."""
+        return len(self.since) / self.num_channels if self.num_channels else 0.0
+
+    @property
+    def channels(self) -> list[int]:
+        """The dead channels, ascending."""
+        return sorted(self.since)
+
+    def crossed(self, threshold: float | None) -> bool:
+        """True when the dead fraction is above ``threshold`` and was not at the previous call.
+
+        ``None`` disables (always False). Call once per update.
+        """
+        if threshold is None:
+            return False
+        above = self.fraction > threshold
+        fire, self._above = above and not self._above, above
+        return fire
+
+    def state_dict(self) -> dict:
+        return {"since": dict(self.since), "num_channels": self.num_channels, "above": self._above}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        try:
+            since = {int(c): int(e) for c, e in state["since"].items()}
+            num_channels, above = int(state["num_channels"]), bool(state["above"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"expected a DeadChannels.state_dict() (since, num_channels, above), got {state!r}"
+            ) from err
+        self.since, self.num_channels, self._above = since, num_channels, above
+
+
+class _Reached(Exception):
+    """Raised by receptive_field's hook: the forward pass got as far as it needs."""
+
+
+_OVERLAY_ALPHA = 0.45
+_OUTSIDE = 0.85  # light grey: outside the input, or an empty slot
+_DEAD_RGB = (214, 39, 40)
+_FONT_PX = 10
+_CAPTION_PX = 12
+_LABEL_PX = 36
+_GAP = 3
+
+
+def _rank(scores: Tensor, indices: Tensor) -> Tensor:
+    """(Cd, n) column order: score descending, then index ascending (two stable sorts)."""
+    by_index = indices.argsort(dim=1, stable=True)
+    by_score = scores.gather(1, by_index).argsort(dim=1, descending=True, stable=True)
+    return by_index.gather(1, by_score)
+
+
+def _extent(maps: Tensor, x: Tensor, py: int, px: int, retain: bool) -> tuple[tuple[int, int], ...]:
+    """((top, bottom), (left, right)) of the input pixels with a gradient from maps[..., py, px]."""
+    (grad,) = torch.autograd.grad(maps[:, :, py, px].sum(), x, retain_graph=retain)
+    support = grad.abs().sum(dim=(0, 1)) > 0  # (H, W)
+    if not support.any():
+        raise ValueError(f"the layer's position {(py, px)} has no gradient from the input")
+    ys = support.any(dim=1).nonzero().flatten()
+    xs = support.any(dim=0).nonzero().flatten()
+    return (int(ys[0]), int(ys[-1])), (int(xs[0]), int(xs[-1]))
+
+
+def _axis(a: tuple[int, int], b: tuple[int, int], pa: int, pb: int, n_in: int, n_grid: int):
+    """(size, stride, offset) along one axis from the extents a, b of grid positions pa, pb."""
+    clipped_lo = a[0] == 0 and b[0] == 0
+    clipped_hi = a[1] == n_in - 1 and b[1] == n_in - 1
+    if pa == pb or (clipped_lo and clipped_hi):
+        # The field covers the whole input: take the grid to tile it (a patch grid's stride).
+        stride = n_in / n_grid
+        return n_in, stride, (stride - 1) / 2
+    # An edge the input border did not cut moves by exactly one stride per grid step.
+    edge = 1 if clipped_lo else 0
+    stride = (b[edge] - a[edge]) / (pb - pa)
+    if stride <= 0:
+        stride = n_in / n_grid
+    return a[1] - a[0] + 1, stride, (a[0] + a[1]) / 2 - stride * pa
+
+
+def _windows(
+    positions: Tensor, rf: ReceptiveField, input_hw: tuple[int, int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The input pixels of the crops at (N, 2) grid positions.
+
+    Returns rows (N, height) and columns (N, width), clamped into the input, and which pixels
+    are inside it (N, height, width).
+    """
+    # floor(v + 0.5): halves round up everywhere (torch.round's half-to-even would not)
+    stride = torch.tensor(rf.stride, dtype=torch.float64, device=positions.device)
+    centre_to_start = torch.tensor(
+        [rf.offset[0] - (rf.height - 1) / 2 + 0.5, rf.offset[1] - (rf.width - 1) / 2 + 0.5],
+        dtype=torch.float64,
+        device=positions.device,
+    )
+    start = torch.floor(positions * stride + centre_to_start).long()  # (N, 2)
+    rows = start[:, :1] + torch.arange(rf.height, device=positions.device)  # (N, height)
+    cols = start[:, 1:] + torch.arange(rf.width, device=positions.device)  # (N, width)
+    height, width = input_hw
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None]
+    return rows.clamp(0, height - 1), cols.clamp(0, width - 1), inside
+
+
+def _crop(inputs: Tensor, images: Tensor, rows: Tensor, cols: Tensor, inside: Tensor) -> Tensor:
+    """(N, Cin, height, width) crops of inputs[images] at the given rows and columns."""
+    _, cin, height, width = inputs.shape
+    chans = torch.arange(cin, device=inputs.device)
+    # Flat indices into the contiguous batch: one 1-D gather, much faster than four index tensors.
+    base = (images[:, None] * cin + chans) * height  # (N, Cin)
+    idx = (base[:, :, None, None] + rows[:, None, :, None]) * width + cols[:, None, None, :]
+    crops = inputs.contiguous().view(-1)[idx]  # (N, Cin, height, width)
+    return crops.masked_fill(~inside[:, None], _fill(inputs.dtype))
+
+
+def _overlay_at(
+    act: Tensor, images: Tensor, channels: Tensor, rows: Tensor, cols: Tensor, rf: ReceptiveField
+) -> Tensor:
+    """(N, height, width) float32: each crop pixel gets act[image, channel] at its nearest cell."""
+    _, c, h, w = act.shape
+    gy = _nearest(rows, rf.stride[0], rf.offset[0], h)  # (N, height)
+    gx = _nearest(cols, rf.stride[1], rf.offset[1], w)  # (N, width)
+    base = (images * c + channels) * h  # (N,) start of each map in the flat activation
+    idx = (base[:, None, None] + gy[:, :, None]) * w + gx[:, None, :]  # (N, height, width)
+    return act.contiguous().view(-1)[idx].float()
+
+
+def _nearest(pixels: Tensor, stride: float, offset: float, n_grid: int) -> Tensor:
+    """The grid position whose centre is nearest each input pixel, within the grid."""
+    return torch.floor((pixels.double() - offset) / stride + 0.5).long().clamp(0, n_grid - 1)
+
+
+def _fill(dtype: torch.dtype) -> float:
+    return math.nan if dtype.is_floating_point else 0
+
+
+def _shape(x: object) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
