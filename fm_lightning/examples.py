@@ -39,7 +39,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-from fm_lightning.rendering import check_cmap, colorize, first_tensor, normalize_maps
+from fm_lightning.capture import eval_mode
+from fm_lightning.rendering import check_cmap, colorize, normalize_maps
 
 __all__ = [
     "DeadChannels",
@@ -282,7 +283,7 @@ def receptive_field(
     layer: nn.Module,
     example_input: Tensor,
     position: tuple[int, int] | None = None,
-    to_maps: Callable[[Tensor], Tensor] | None = None,
+    to_maps: Callable[[object], Tensor] | None = None,
 ) -> ReceptiveField:
     """A layer's receptive field, from the input gradient of one of its output positions.
 
@@ -301,7 +302,7 @@ def receptive_field(
         layer: a submodule of ``model``.
         example_input: (B, Cin, H, W) floating-point inputs, e.g. a validation batch.
         position: (y, x) on the layer's grid; default the centre, least clipped by borders.
-        to_maps: turns the layer's output into (N, C, h, w) maps (e.g. tokens -> patch grid);
+        to_maps: turns what the layer returns into (N, C, h, w) maps (tokens -> patch grid);
             default: the output must already be (N, C, h, w).
 
     Returns:
@@ -314,32 +315,28 @@ def receptive_field(
         )
     if not example_input.is_floating_point():
         raise ValueError(f"expected a floating-point example_input, got {example_input.dtype}")
-    captured: list[Tensor] = []
+    captured: list[object] = []
 
     def hook(module, args, output):
-        captured.append(first_tensor(output))
+        captured.append(output)
         raise _Reached  # the rest of the forward pass is not needed
 
-    modes = {m: m.training for m in model.modules()}
     handle = layer.register_forward_hook(hook)
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
             x = example_input.clone()  # a normal tensor, even from an inference tensor
             g = torch.Generator(device=x.device).manual_seed(0)
             spread = x.float().std().nan_to_num(1.0).clamp(min=1e-3).item()
             noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * spread
             x = torch.cat([x, x + noise]).requires_grad_(True)  # (2B, Cin, H, W)
-            model.eval()
             try:
                 model(x)
             except _Reached:
                 pass
-            if not captured or captured[0] is None:
-                raise ValueError(
-                    "expected the layer to run in model(example_input) with a tensor output"
-                )
+            if not captured:
+                raise ValueError("expected the layer to run in model(example_input)")
             maps = to_maps(captured[0]) if to_maps is not None else captured[0]
-            if maps.dim() != 4:
+            if not isinstance(maps, Tensor) or maps.dim() != 4:
                 raise ValueError(
                     f"expected the layer's maps as (N, C, h, w), got {_shape(maps)}; pass to_maps"
                 )
@@ -353,8 +350,6 @@ def receptive_field(
             box_b = _extent(maps, x, qy, qx, retain=False)
     finally:
         handle.remove()
-        for module, training in modes.items():
-            module.train(training)
     height_in, width_in = example_input.shape[-2:]
     size_y, stride_y, offset_y = _axis(box_a[0], box_b[0], py, qy, height_in, h)
     size_x, stride_x, offset_x = _axis(box_a[1], box_b[1], px, qx, width_in, w)
