@@ -7,15 +7,16 @@ Example::
     result.pred_maps              # (N, H, W) in [0, 1], at the probe's H, W
     grid = cam_grid(probe, result, cmap="viridis", alpha=0.5)  # (H', W', 3) uint8
     save_png(grid, "cam/epoch=003.png")                        # fm_lightning.files
-    print(cam_caption(result))    # "GradCAM on conv2. 1: pred 7 (p=0.98), true 7; ..."
+    print(cam_caption(result))    # "GradCAM on conv2; columns: ... 1: pred 7 (p=0.98), true 7; ..."
 
 The maps are computed by torchcam (``torchcam.methods``); this module chooses the classes,
 upsamples the maps and draws them. :func:`class_activation_maps` may be called in the middle of
-training, e.g. from a Lightning callback while validation runs under ``torch.inference_mode()``:
-it runs with gradients on, on an ordinary copy of the inputs, and leaves behind no hook and no
-change to parameters' ``.grad`` or ``requires_grad``, to any submodule's train/eval mode or to
-the CPU and CUDA random number generators (see :func:`training_state_preserved`). It never sees
-an optimizer. Call it on the unwrapped module (not a DDP wrapper), on one process.
+training, e.g. from a Lightning callback during validation (``torch.no_grad()`` inside ``fit``,
+``torch.inference_mode()`` in ``trainer.validate``): it runs with gradients on, on an ordinary
+copy of the inputs, and leaves behind no hook and no change to parameters' ``.grad`` or
+``requires_grad``, to any submodule's train/eval mode or to the CPU and CUDA random number
+generators (see :func:`training_state_preserved`). It never sees an optimizer. Call it on the
+unwrapped module (not a DDP wrapper), on one process.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ class CamResult:
 def training_state_preserved(model: nn.Module) -> Iterator[None]:
     """Runs the body with gradients on and puts the model's training state back afterwards.
 
-    Inside: ``torch.inference_mode(False)`` and ``torch.enable_grad()`` (so it works within a
-    Lightning validation loop), the model in eval mode, and the CPU (and, if initialised, CUDA)
+    Inside: ``torch.inference_mode(False)`` and ``torch.enable_grad()`` (so it works within
+    Lightning's validation loops), the model in eval mode, and the CPU (and, if initialised, CUDA)
     random number generators forked. On exit, exception or not: every submodule's ``training``
     flag, every parameter's ``requires_grad`` and ``.grad`` object restored, the RNG states
     restored. A parameter's ``.grad`` changed in place (it cannot be undone without a copy of

@@ -11,11 +11,14 @@ import copy
 import gc
 import os
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 import torchcam.methods
+from conftest import tiny_trainer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from fm_lightning.cam import (
     CAM_METHODS,
@@ -24,7 +27,7 @@ from fm_lightning.cam import (
     check_cam_method,
     class_activation_maps,
 )
-from fm_lightning.models import SimpleCNN
+from fm_lightning.models import ImageClassifier, SimpleCNN
 from fm_lightning.rendering import colorize
 
 SIZE, SIDE, NOISE, CLASSES = 32, 8, 0.3, 3
@@ -295,6 +298,60 @@ def test_gradients_written_by_the_model_itself_are_undone_or_reported():
         class_activation_maps(meddler, x, layer="conv3")
 
 
+class CamOnValidation(pl.Callback):
+    """Computes maps of every validation batch where Lightning runs it, with gradients off:
+    under torch.no_grad() inside fit, under torch.inference_mode() in trainer.validate()."""
+
+    def __init__(self) -> None:
+        self.results = []
+        self.inference_mode = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args):
+        assert not torch.is_grad_enabled()
+        self.inference_mode.append(torch.is_inference_mode_enabled())
+        x, y = batch
+        self.results.append(class_activation_maps(pl_module.net, x, "SmoothGradCAMpp", "conv3", y))
+
+
+def test_a_lightning_fit_is_bit_identical_with_maps_taken_mid_accumulation(tmp_path):
+    """Validation after every batch with accumulate_grad_batches=2, so half the captures fall
+    between the two backward passes of one step: final weights and Adam state bit-identical.
+    Then trainer.validate(), which runs under inference mode."""
+
+    def fit(callbacks: list) -> tuple[pl.Trainer, ImageClassifier, DataLoader]:
+        torch.manual_seed(0)
+        model = ImageClassifier(SquareNet(), num_classes=CLASSES)
+        x, y, _ = make_squares(48, seed=11)
+        loader = DataLoader(TensorDataset(x, y), batch_size=8)
+        trainer = tiny_trainer(
+            tmp_path,
+            callbacks,
+            max_epochs=2,
+            limit_train_batches=6,
+            limit_val_batches=1,
+            val_check_interval=1,
+            accumulate_grad_batches=2,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(model, loader, loader)
+        return trainer, model, loader
+
+    cam = CamOnValidation()
+    trainer, model, loader = fit([cam])
+    _, expected, _ = fit([])
+    for name, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    adam = trainer.optimizers[0].state_dict()["state"]
+    expected_adam = expected.optimizers().optimizer.state_dict()["state"]
+    for i, state in expected_adam.items():
+        for key, value in state.items():
+            assert torch.equal(adam[i][key], value), (i, key)
+    trainer.validate(model, loader, verbose=False)
+    assert cam.inference_mode == [False] * 12 + [True]
+    assert cam.results[-1].pred_maps.shape == (8, SIZE, SIZE)
+    assert cam.results[-1].pred_maps.amax() > 0
+
+
 def test_untouched_when_no_gradient_exists_yet_and_every_weight_is_frozen():
     torch.manual_seed(0)
     model = SquareNet().requires_grad_(False)
@@ -305,7 +362,7 @@ def test_untouched_when_no_gradient_exists_yet_and_every_weight_is_frozen():
     assert model.training
 
 
-def test_works_inside_inference_mode_as_lightning_validation_runs():
+def test_works_inside_inference_mode_as_trainer_validate_runs():
     torch.manual_seed(0)
     model = SquareNet().eval()
     x, y, _ = make_squares(4, seed=4)
