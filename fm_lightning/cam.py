@@ -169,7 +169,7 @@ def class_activation_maps(
             whose output is (N, C, h, w), or whose output ``reshape`` makes so. A module called
             several times in one forward (SimpleCNN's ``pool``) gives the map of its last call.
             None: torchcam's choice, the last module with a spatial output (found by one more
-            forward pass of a zero image; then ``reshape`` cannot be used).
+            forward pass of a float32 zero image; then ``reshape`` cannot be used).
         targets: (N,) integer true classes, or None.
         reshape: Maps the layer's output, and its gradient, to (N, C, h, w), e.g. for
             channels-last ``lambda t: t.permute(0, 3, 1, 2)`` or for ViT tokens with a class
@@ -331,7 +331,13 @@ def _check_layer(model: nn.Module, layer: object) -> None:
 
 
 def _default_layer(model: nn.Module, inputs: Tensor) -> str:
-    # torchcam forwards a zero image of the default dtype on the parameters' device.
+    # torchcam forwards a zero image of the default dtype (float32) on the parameters' device.
+    dtype = next(model.parameters(), torch.empty(0)).dtype
+    if dtype != torch.get_default_dtype():
+        raise ValueError(
+            f"expected a layer name for a model with {dtype} parameters (torchcam's automatic "
+            f"choice runs a {torch.get_default_dtype()} image through it), got layer=None"
+        )
     name = locate_candidate_layer(model, tuple(inputs.shape[1:]))
     if not name:
         raise ValueError(

@@ -463,6 +463,11 @@ def test_default_layer_is_torchcams_choice():
     # SimpleCNN's last spatial output is its second call of `pool`, (N, 32, 4, 4).
     assert result.layer == "pool"
     assert result.pred_maps.shape == (2, 28, 28)
+    half = SimpleCNN().bfloat16().eval()
+    with pytest.raises(ValueError, match="expected a layer name for a model with torch.bfloat16"):
+        class_activation_maps(half, torch.randn(2, 1, 28, 28).bfloat16())
+    named = class_activation_maps(half, torch.randn(2, 1, 28, 28).bfloat16(), layer="conv2")
+    assert named.pred_maps.dtype == torch.float32 and named.pred_maps.shape == (2, 28, 28)
 
 
 class ChannelsLast(nn.Module):
