@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -35,12 +36,23 @@ from torch import nn
 from typing_extensions import override
 
 from fm_lightning import capture, rendering
+from fm_lightning.cam import cam_caption, cam_grid, check_cam_method, class_activation_maps
+from fm_lightning.examples import (
+    DeadChannels,
+    ExamplesResult,
+    ExampleStream,
+    ReceptiveField,
+    TopKExamples,
+    examples_grid,
+)
 from fm_lightning.files import safe_path_part
-from fm_lightning.layouts import check_layout
+from fm_lightning.gallery import CAM_DIR
+from fm_lightning.layouts import check_layout, interpret
 from fm_lightning.publishing import LocalRun, Picture, publish, publish_gifs
 
 # Keys tried, in order, when a batch is a dict and no input_key/input_fn was given.
 _DICT_INPUT_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
+_DICT_TARGET_KEYS = ("label", "labels", "target", "targets", "y")
 
 
 class FeatureMapCallback(Callback):
@@ -70,6 +82,21 @@ class FeatureMapCallback(Callback):
             ``{pattern: layout}`` with a layout from :data:`fm_lightning.layouts.LAYOUTS` or a
             function ``output tensor -> (N, C, H, W) or (N, F)``, e.g. ``{"blocks.*": "tokens"}``.
         log_stats: also log per-layer mean, std, fraction of zeros and dead channels as scalars.
+        examples: top examples per drawn channel (0: off). On a captured epoch the layers are
+            also observed during that validation run: for each drawn channel, the validation
+            inputs that excite it most, cropped to its receptive field, and the channels that
+            are dead over the whole validation set (``fm_lightning.examples``).
+        dead_warn: warn once per crossing when a layer's fraction of channels dead over the
+            whole validation set exceeds this (needs ``examples``); None: never.
+        cam: a torchcam method (``"GradCAM"``, ``"GradCAMpp"``, ``"LayerCAM"``, ...; see
+            :data:`fm_lightning.cam.CAM_METHODS`) drawing where the model looks for its
+            predicted and true class on the probe, every captured epoch; None: off.
+        cam_layer: the layer the CAM is taken at (a name or pattern matching one module, read
+            with ``layouts`` like ``layers``); None: torchcam's choice, the last layer with a
+            spatial output.
+        target_fn: ``batch -> (N,) true classes`` for the CAM's true-class maps. Default: the
+            second element of an ``(x, y)`` batch, or a ``"label(s)"``/``"target(s)"``/``"y"``
+            key of a dict batch, when it holds N integer classes.
         name: tells two FeatureMapCallbacks in one Trainer apart: their checkpoint state and
             their default directory (``feature_maps_<name>``).
         strict: raise on failures instead of warning once and carrying on.
@@ -94,6 +121,11 @@ class FeatureMapCallback(Callback):
         input_fn: Callable[[Any], Any] | None = None,
         layouts: Mapping[str, str | Callable] | None = None,
         log_stats: bool = True,
+        examples: int = 0,
+        dead_warn: float | None = 0.5,
+        cam: str | None = None,
+        cam_layer: str | None = None,
+        target_fn: Callable[[Any], torch.Tensor] | None = None,
         name: str | None = None,
         strict: bool = False,
     ) -> None:
@@ -128,6 +160,20 @@ class FeatureMapCallback(Callback):
                 checked_layouts[pattern] = check_layout(layout)
             except ValueError as err:
                 raise ValueError(f"layouts[{pattern!r}]: {err}") from None
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+            raise ValueError(f"expected `examples` to be an int >= 0, got {examples!r}")
+        if dead_warn is not None and (
+            isinstance(dead_warn, bool)
+            or not isinstance(dead_warn, (int, float))
+            or not 0 <= dead_warn <= 1
+        ):
+            raise ValueError(f"expected `dead_warn` in [0, 1] or None, got {dead_warn!r}")
+        if cam is not None:
+            check_cam_method(cam)
+        if cam_layer is not None and (not isinstance(cam_layer, str) or not cam_layer):
+            raise ValueError(f"expected `cam_layer` to be a layer name or None, got {cam_layer!r}")
+        if target_fn is not None and not callable(target_fn):
+            raise ValueError(f"expected `target_fn` to be callable, got {type(target_fn).__name__}")
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"expected `name` to be a non-empty string or None, got {name!r}")
 
@@ -143,12 +189,25 @@ class FeatureMapCallback(Callback):
         self.input_fn = input_fn
         self.layouts = checked_layouts
         self.log_stats = log_stats
+        self.examples = examples
+        self.dead_warn = dead_warn
+        self.cam = cam
+        self.cam_layer = cam_layer
+        self.target_fn = target_fn
         self.name = name
         self.strict = strict
 
         self.probe: Any = None  # Tensor, tuple or dict of (N, ...) tensors once complete
-        self._probe_parts: list[Any] = []
+        self.probe_targets: torch.Tensor | None = None  # (N,) true classes, when batches have them
+        self._probe_parts: list[tuple[Any, torch.Tensor | None]] = []
         self._modules: dict[str, nn.Module] = {}  # resolved when fitting starts
+        self._cam_module: tuple[str, nn.Module] | None = None  # (name, module), or torchcam's pick
+        self._stream: ExampleStream | None = None  # top-k examples of a captured validation run
+        self._examples_run = False  # this validation run streams examples (on every rank)
+        self._stream_hooks = ExitStack()  # the stream's hooks, open for one validation batch
+        self._stream_seen = 0  # inputs this rank has streamed in this run
+        self._fields: dict[str, ReceptiveField] = {}  # receptive fields, measured once per layer
+        self._dead: dict[str, DeadChannels] = {}
         self._capturing = False  # this validation run is the one to draw
         self._warned: set[str] = set()
         self._disabled = False
@@ -191,6 +250,41 @@ class FeatureMapCallback(Callback):
         if self.probe is None:
             self._probe_parts = []
         self._capturing = _is_captured(trainer, self.every_n_epochs)
+        self._stream = None
+        self._examples_run = self._capturing and self.examples > 0  # the same on every rank
+        if self._examples_run and not self._disabled:
+            try:
+                self._start_examples(trainer, pl_module)
+            except Exception as err:
+                self._fail("examples", err)
+
+    @override
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._stream is None or dataloader_idx != 0:
+            return
+        try:
+            x = self._extract_input(batch)
+            if not isinstance(x, torch.Tensor) or x.ndim != 4:
+                raise TypeError(
+                    "expected the model input to be one (N, C, H, W) tensor for examples, got "
+                    f"{_describe(x)}"
+                )
+            # Dataset indices under Lightning's samplers (sequential, or DistributedSampler's
+            # rank-strided shards), so all ranks' candidates merge as one process's would.
+            seen = self._stream_seen + torch.arange(len(x), device=x.device)
+            indices = seen * trainer.world_size + trainer.global_rank
+            self._stream_seen += len(x)
+            self._stream_hooks.enter_context(self._stream.batch(x, indices))
+        except Exception as err:
+            self._stream = None
+            self._fail("examples", err)
 
     @override
     def on_validation_batch_end(
@@ -202,37 +296,37 @@ class FeatureMapCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        self._stream_hooks.close()  # the examples' hooks live for one batch
         if self.probe is not None or self._disabled or dataloader_idx != 0:
             return
         try:
             x = self._extract_input(batch)
-            have = sum(capture.num_rows(part) for part in self._probe_parts)
-            self._probe_parts.append(capture.take_rows(x, self.num_images - have))
+            have = sum(capture.num_rows(part) for part, _ in self._probe_parts)
+            need = self.num_images - have
+            y = self._extract_targets(batch, capture.num_rows(x))
+            part = (capture.take_rows(x, need), None if y is None else y[:need].clone())
+            self._probe_parts.append(part)
         except Exception as err:  # a misread batch must not stop validation
             self._fail("input", err, disable=True)
             return
-        if have + capture.num_rows(self._probe_parts[-1]) >= self.num_images:
+        if have + capture.num_rows(part[0]) >= self.num_images:
             self._local_probe()
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every rank reaches the same verdict here, so the broadcast below is never left waiting.
+        self._stream_hooks.close()
         if not self._capturing:
             return
         self._capturing = False
-        probe = self._local_probe()
+        examples = self._gather_examples(trainer, pl_module)  # collectives: every rank, first
         try:
-            # Ranks see different validation shards (or none, or failed to read theirs): rank
-            # zero's probe, or its None, is the one every rank uses. Sent from the CPU, so
-            # unpickling it on another rank does not touch rank zero's GPU.
-            cpu = None if probe is None else capture.to_device(probe, "cpu")
-            probe = trainer.strategy.broadcast(cpu, src=0)
+            probe = self._shared_probe(trainer, pl_module)
         except Exception as err:
             self._fail("capture", err)
             return
         if probe is None:
             return
-        self.probe = capture.to_device(probe, pl_module.device)
         # Only rank zero draws, but every rank runs the forward so sharded models stay in step.
         modules = self._modules if trainer.is_global_zero else {}
         try:
@@ -258,7 +352,14 @@ class FeatureMapCallback(Callback):
                     "fused kernel that bypasses the module (fused attention), or a branch the "
                     "forward skips for these inputs.",
                 )
-            self._log(trainer, trainer.current_epoch, captured)
+            pictures = self._cam_pictures(trainer, pl_module)
+            self._log(trainer, trainer.current_epoch, captured, examples, pictures)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._stream_hooks.close()  # a validation step that raised leaves no hook behind
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -268,25 +369,57 @@ class FeatureMapCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._modules = {}  # no reference to the model outlives the run
+        self._stream_hooks.close()
+        # No reference to the model outlives the run.
+        self._modules, self._cam_module, self._stream = {}, None, None
         self._capturing = False
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"probe": None if self.probe is None else capture.to_device(self.probe, "cpu")}
+        return {
+            "probe": None if self.probe is None else capture.to_device(self.probe, "cpu"),
+            "targets": None if self.probe_targets is None else self.probe_targets.cpu(),
+            "dead": {layer: dead.state_dict() for layer, dead in self._dead.items()},
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe = state_dict.get("probe")
+        self.probe_targets = state_dict.get("targets")
         self._probe_parts = []
+        self._dead = {}
+        for layer, state in (state_dict.get("dead") or {}).items():
+            self._dead[layer] = DeadChannels()
+            self._dead[layer].load_state_dict(state)
 
     # ------------------------------------------------------------------ capture
 
     def _resolve(self, pl_module: pl.LightningModule) -> None:
         try:
             self._modules = capture.resolve_layers(pl_module, self.layers)
+            if self.cam is not None and self.cam_layer is not None:
+                found = capture.resolve_layers(pl_module, [self.cam_layer])
+                if len(found) != 1:
+                    raise ValueError(
+                        f"expected `cam_layer` {self.cam_layer!r} to match one module, got "
+                        f"{len(found)}: {', '.join(found)}"
+                    )
+                self._cam_module = next(iter(found.items()))
         except ValueError as err:
             raise ValueError(f"FeatureMapCallback: {err}") from None
+
+    def _shared_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """Rank zero's probe (and targets), on every rank and on the model's device; or None."""
+        probe = self._local_probe()
+        # Ranks see different validation shards (or none, or failed to read theirs): rank
+        # zero's probe, or its None, is the one every rank uses. Sent from the CPU, so
+        # unpickling it on another rank does not touch rank zero's GPU.
+        cpu = None if probe is None else capture.to_device((probe, self.probe_targets), "cpu")
+        shared = trainer.strategy.broadcast(cpu, src=0)
+        if shared is None:
+            return None
+        self.probe, self.probe_targets = capture.to_device(shared, pl_module.device)
+        return self.probe
 
     def _local_probe(self) -> Any:
         """This rank's probe: complete, or the short one validation gave, or None."""
@@ -295,7 +428,10 @@ class FeatureMapCallback(Callback):
         if self.probe is None and self._probe_parts:
             parts, self._probe_parts = self._probe_parts, []
             try:
-                self.probe = capture.concat_rows(parts)
+                self.probe = capture.concat_rows([x for x, _ in parts])
+                targets = [y for _, y in parts]
+                has_all = all(y is not None for y in targets)
+                self.probe_targets = torch.cat(targets) if has_all else None
             except Exception as err:  # batches of different shapes or dtypes
                 self._fail("input", err, disable=True)
                 return None
@@ -336,10 +472,174 @@ class FeatureMapCallback(Callback):
         capture.num_rows(x)  # raises for inputs without a common batch size
         return x
 
+    def _extract_targets(self, batch: Any, n: int) -> torch.Tensor | None:
+        """(n,) integer classes of a batch, for the CAM's true-class maps; None without them."""
+        if self.target_fn is not None:
+            y = self.target_fn(batch)
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            y = batch[1]
+        elif isinstance(batch, Mapping):
+            y = next((batch[k] for k in _DICT_TARGET_KEYS if k in batch), None)
+        else:
+            y = None
+        is_classes = isinstance(y, torch.Tensor) and y.shape == (n,) and not y.is_floating_point()
+        if self.target_fn is not None and not is_classes:
+            raise TypeError(
+                f"expected target_fn to return ({n},) integer classes, got {_describe(y)}"
+            )
+        return y.detach() if is_classes else None
+
+    # ------------------------------------------------------------------ top-k examples
+
+    def _start_examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Open a stream for this validation run, drawing the channels the maps will draw."""
+        channels: dict[str, torch.Tensor] = {}
+        if self.order == "activation":
+            # The maps' channels come from the probe, on the same weights as at the end of this
+            # validation. Before any probe exists (the first epoch) the first channels are kept.
+            probe = self._shared_probe(trainer, pl_module)
+            if probe is not None:
+                captured, _ = capture.capture(
+                    pl_module,
+                    probe,
+                    self._modules,
+                    max_channels=self.max_channels,
+                    order=self.order,
+                    layouts_by_layer=self.layouts,
+                    stats=False,
+                )
+                channels = {k: c.channels for k, c in captured.items() if c.channels is not None}
+        self._stream_seen = 0
+        self._stream = ExampleStream(
+            pl_module,
+            self._modules,
+            k=self.examples,
+            max_channels=self.max_channels,
+            channels=channels,
+            fields=self._fields,
+            layouts_by_layer=self.layouts,
+        )
+
+    def _gather_examples(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, ExamplesResult]:
+        """Every rank's candidates, merged on rank zero (Lightning's all_gather, every rank)."""
+        stream, self._stream = self._stream, None
+        if not self._examples_run:
+            return {}
+        self._examples_run = False
+        # A rank whose stream failed, or saw other layers, must not leave the others waiting
+        # in all_gather: all ranks agree first, and gather only if every one can.
+        layers = None if stream is None else sorted(stream.topk)
+        agreed = trainer.strategy.broadcast(layers, src=0)
+        ok = layers is not None and layers == agreed
+        if not trainer.strategy.reduce_boolean_decision(ok, all=True) or stream is None:
+            return {}
+        for layer, error in stream.errors.items():
+            self._warn_once(
+                f"examples:{layer}", f"FeatureMapCallback: no examples for {layer!r}: {error}."
+            )
+        try:
+            return {
+                layer: TopKExamples.merge(pl_module.all_gather(state))
+                for layer, state in stream.states().items()
+            }
+        except Exception as err:
+            self._fail("examples", err)
+            return {}
+
+    def _example_pictures(
+        self, epoch: int, results: dict[str, ExamplesResult], scalars: dict[str, float]
+    ) -> tuple[list[Picture], dict[str, dict[int, int]]]:
+        """Rank zero: one examples grid per layer; dead channels over the whole validation set."""
+        pictures, dead_since = [], {}
+        for layer, result in results.items():
+            dead = self._dead.setdefault(layer, DeadChannels())
+            dead.update(epoch, result.dead.cpu())
+            scalars[f"feature_stats/{layer}/dead_channels_val"] = dead.fraction
+            if dead.crossed(self.dead_warn):
+                rank_zero_warn(
+                    f"FeatureMapCallback: {dead.fraction:.0%} of {layer!r}'s channels are dead "
+                    f"(never above 0 on the validation set) at epoch {epoch}, over "
+                    f"dead_warn={self.dead_warn}: channels {dead.channels}."
+                )
+            folder = safe_path_part(layer)
+            dead_since[folder] = dict(dead.since)
+            try:
+                grid = examples_grid(result, cmap=self.cmap)
+            except Exception as err:
+                self._fail("render", err)
+                continue
+            shown = result.channels.tolist()
+            caption = (
+                f"epoch {epoch}: top {self.examples} validation inputs of channels "
+                f"{_ranges(shown)}, cropped to the receptive field; dead: "
+                f"{_ranges(dead.channels) or 'none'}"
+            )
+            path = f"{folder}/examples/epoch={epoch:03d}.png"
+            pictures.append(Picture(f"feature_examples/{layer}", path, grid, caption))
+        return pictures, dead_since
+
+    # ------------------------------------------------------------------ class activation maps
+
+    def _cam_pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Picture]:
+        """Rank zero: where the model looks on the probe, for its predicted and true classes."""
+        if self.cam is None or self._disabled:
+            return []
+        probe = self.probe
+        if not isinstance(probe, torch.Tensor) or probe.ndim != 4:
+            self._warn_once(
+                "cam:input",
+                "FeatureMapCallback: cam needs a model called with one (N, C, H, W) tensor, got "
+                f"{_describe(probe)}; no class-activation maps are drawn.",
+            )
+            return []
+        layer, reshape = None, None
+        if self._cam_module is not None:
+            key, module = self._cam_module
+            layer = next(n for n, m in pl_module.named_modules() if m is module)
+            layout = capture.match_layer(self.layouts, key) or "auto"
+
+            def reshape(t: torch.Tensor) -> torch.Tensor:
+                return interpret(
+                    t, module=module, model=pl_module, num_rows=len(probe), layout=layout
+                ).act
+
+        try:
+            with (
+                torch.compiler.set_stance("force_eager"),
+                trainer.precision_plugin.forward_context(),
+            ):
+                result = class_activation_maps(
+                    pl_module,
+                    probe,
+                    self.cam,
+                    layer=layer,
+                    targets=self.probe_targets,
+                    reshape=reshape,
+                )
+            grid = cam_grid(probe.float(), result, cmap=self.cmap)
+        except Exception as err:
+            self._fail("cam", err)
+            return []
+        name = self._cam_module[0] if self._cam_module else result.layer
+        epoch = trainer.current_epoch
+        caption = f"epoch {epoch}: {cam_caption(result)}"
+        return [
+            Picture(f"class_activation/{name}", f"{CAM_DIR}/epoch={epoch:03d}.png", grid, caption)
+        ]
+
     # ------------------------------------------------------------------ rendering and logging
 
-    def _log(self, trainer: pl.Trainer, epoch: int, captured: dict[str, capture.Captured]) -> None:
-        """Rank zero: render every captured layer and publish the pictures."""
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        epoch: int,
+        captured: dict[str, capture.Captured],
+        examples: dict[str, ExamplesResult],
+        extra: list[Picture],
+    ) -> None:
+        """Rank zero: render every captured layer and publish all the pictures."""
         step = _logging_step(trainer)
         pictures: list[Picture] = []
         scalars: dict[str, float] = {}
@@ -383,8 +683,10 @@ class FeatureMapCallback(Callback):
                 pictures.append(Picture("probe_inputs", "probe_inputs.png", strip, caption))
             except Exception as err:
                 self._fail("render", err)
+        example_pictures, dead = self._example_pictures(epoch, examples, scalars)
+        pictures += example_pictures + extra
         title = os.path.dirname(self.local_dir) or "feature maps"
-        local = LocalRun(self.local_dir, epoch, layer_stats, title)
+        local = LocalRun(self.local_dir, epoch, layer_stats, dead, title)
         publish(trainer.loggers, pictures, scalars, step, local, self._fail)
 
     # ------------------------------------------------------------------ failures
@@ -456,6 +758,17 @@ def _channels_text(cap: capture.Captured) -> str:
     if shown == list(range(shown[0], shown[0] + len(shown))):
         return f"channels {shown[0]}-{shown[-1]}{total}"
     return "channels " + ",".join(map(str, shown)) + total
+
+
+def _ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    spans: list[list[int]] = []
+    for v in values:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
 def _describe(obj: Any) -> str:

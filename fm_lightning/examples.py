@@ -30,7 +30,8 @@ neighbourhood of a 16-pixel patch grid.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,11 +40,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-from fm_lightning.capture import eval_mode
+from fm_lightning.capture import eval_mode, forward_hooks, match_layer
+from fm_lightning.layouts import LayoutError, interpret
 from fm_lightning.rendering import check_cmap, colorize, normalize_maps
 
 __all__ = [
     "DeadChannels",
+    "ExampleStream",
     "ExamplesResult",
     "ReceptiveField",
     "TopKExamples",
@@ -624,3 +627,92 @@ def _fill(dtype: torch.dtype) -> float:
 
 def _shape(x: object) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+class ExampleStream:
+    """Feeds one validation run's batches to one :class:`TopKExamples` per layer, through hooks.
+
+        stream = ExampleStream(model, {"conv2": model.net.conv2}, k=9, max_channels=32)
+        with stream.batch(inputs, indices):      # hooks on the layers for this forward only
+            model(inputs)                         # (B, Cin, H, W) -> each layer's maps streamed
+        states = stream.states()                  # {layer: TopKExamples.state()}
+
+    A layer's receptive field is measured once (:func:`receptive_field`, from the first batch)
+    and kept in ``fields`` (pass the same dict again next epoch). Outputs are read with
+    :func:`fm_lightning.layouts.interpret`; a layer whose output is not (B, C, h, w) maps gets
+    an entry in ``errors`` instead. Only a module's first call in a forward is streamed (the
+    field belongs to it). ``channels`` gives the drawn channels per layer; else the first
+    ``max_channels``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: Mapping[str, nn.Module],
+        k: int,
+        max_channels: int,
+        channels: Mapping[str, Tensor] | None = None,
+        fields: dict[str, ReceptiveField] | None = None,
+        layouts_by_layer: Mapping[str, object] | None = None,
+    ) -> None:
+        self.model = model
+        self.modules = dict(modules)
+        self.k = k
+        self.max_channels = max_channels
+        self.channels = dict(channels or {})
+        self.fields = fields if fields is not None else {}
+        self.layouts_by_layer = layouts_by_layer or {}
+        self.topk: dict[str, TopKExamples] = {}
+        self.errors: dict[str, str] = {}
+
+    def _maps(self, name: str, output: object, rows: int) -> Tensor:
+        layout = match_layer(self.layouts_by_layer, name) or "auto"
+        module = self.modules[name]
+        act = interpret(output, module=module, model=self.model, num_rows=rows, layout=layout).act
+        if act.dim() != 4:
+            raise LayoutError(f"expected (N, C, h, w) maps for examples, got {_shape(act)}")
+        return act
+
+    @contextmanager
+    def batch(self, inputs: Tensor, indices: Tensor) -> Iterator[None]:
+        """Hooks that stream this batch's maps, for the body of the ``with`` only."""
+        live = {}
+        for name, module in self.modules.items():
+            if name in self.errors:
+                continue
+            if name not in self.fields:
+                try:
+                    self.fields[name] = receptive_field(
+                        self.model,
+                        module,
+                        inputs.float(),
+                        to_maps=lambda out, name=name: self._maps(name, out, 2 * len(inputs)),
+                    )
+                except (LayoutError, ValueError) as err:
+                    self.errors[name] = str(err)
+                    continue
+            live[name] = module
+
+        def record(key: str, module: nn.Module, output: object) -> None:
+            if "@" in key or key in self.errors:
+                return  # a second call of a shared module: the field is the first call's
+            try:
+                act = self._maps(key, output, len(inputs)).detach()
+            except LayoutError as err:
+                self.errors[key] = str(err)
+                return
+            if key not in self.topk:
+                drawn = self.channels.get(key)
+                if drawn is None:
+                    drawn = torch.arange(min(act.shape[1], self.max_channels))
+                self.topk[key] = TopKExamples(self.k, drawn.to(act.device), self.fields[key])
+            self.topk[key].update(act, inputs, indices)
+
+        with forward_hooks(live, record):
+            yield
+
+    def states(self) -> dict[str, dict[str, Tensor]]:
+        return {name: topk.state() for name, topk in self.topk.items()}
+
+    def nbytes(self) -> int:
+        return sum(topk.nbytes() for topk in self.topk.values())

@@ -39,11 +39,12 @@ class Picture:
 
 @dataclass(frozen=True)
 class LocalRun:
-    """Where and under which epoch the local copies go, and the gallery's per-layer statistics."""
+    """Where and under which epoch the local copies go, and what the gallery shows beside them."""
 
     root: str
     epoch: int
-    stats: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    stats: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # {folder: {stat: v}}
+    dead: Mapping[str, Mapping[int, int]] = field(default_factory=dict)  # {folder: {ch: since}}
     title: str = "feature maps"
 
 
@@ -75,8 +76,11 @@ def publish(
     try:
         for pic in pictures:
             save_png(pic.image, os.path.join(local.root, pic.path))
-        if local.stats:
-            gallery.append_stats(local.root, local.epoch, dict(local.stats))
+        # The gallery pairs a caption with the folder its picture is in: conv1, conv1/examples, cam.
+        captions = {os.path.dirname(p.path): p.caption for p in pictures if os.path.dirname(p.path)}
+        gallery.append_stats(
+            local.root, local.epoch, dict(local.stats), captions=captions, dead=dict(local.dead)
+        )
         gallery.write_index(local.root, title=local.title)
     except Exception as err:
         on_error("files", err)
@@ -97,12 +101,16 @@ def publish_gifs(loggers: Sequence[Logger], root: str, step: int, on_error: OnEr
                 import wandb
 
                 videos = {
-                    f"feature_maps_evolution/{folder}": wandb.Video(str(path), format="gif")
+                    f"{_evolution_tag(folder)}/{folder}": wandb.Video(str(path), format="gif")
                     for folder, path in gifs.items()
                 }
                 logger.log_metrics(videos, step=step)
             except Exception as err:
                 on_error(type(logger).__name__, err)
+
+
+def _evolution_tag(folder: str) -> str:
+    return "class_activation_evolution" if folder == gallery.CAM_DIR else "feature_maps_evolution"
 
 
 def _log_wandb(

@@ -430,7 +430,8 @@ def test_memory_is_flat_over_30_calls():
         class_activation_maps(model, x, layer="conv2", targets=y)
     growth = rss_bytes() - rss
     print(f"\n30 calls: live tensors {tensors} -> {live_tensors()}, RSS +{growth / 2**20:.2f} MB")
-    assert live_tensors() == tensors
+    # <=: tensors left by earlier tests in reference cycles may be collected meanwhile
+    assert live_tensors() <= tensors
     assert growth < 8 * 2**20
 
 
