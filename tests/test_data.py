@@ -283,7 +283,7 @@ def test_next_fetch_removes_staging_of_killed_fetches_but_not_live_ones(fake_mni
     try:
         (in_progress,) = set(raw.iterdir()) - {debris}
         fetch = [sys.executable, "-c", textwrap.dedent(_FETCH), str(raw), md5s, str(source)]
-        subprocess.run(fetch, check=True)
+        subprocess.run(fetch, cwd=REPO, check=True)
         assert sorted(p.name for p in raw.iterdir()) == sorted([in_progress.name, *arrays])
         for name, expected in arrays.items():
             assert np.array_equal(data.read_idx(raw / name).numpy(), expected)

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from fm_lightning.files import atomic_write, save_png, to_png_bytes
@@ -94,7 +95,10 @@ def start_held_writer(code: str, *args: str) -> subprocess.Popen:
     """``python -c code *args``, where ``code`` prints ``ready`` once it is mid-write and then
     hangs: SIGKILL it to leave what a crash leaves, or keep it running as a writer at work."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        cwd=REPO,  # this checkout's fm_lightning
+        stdout=subprocess.PIPE,
+        text=True,
     )
     line = proc.stdout.readline()  # blocks until the write has begun (or the process died)
     assert line == "ready\n", f"writer exited with {proc.wait()} before it was mid-write"
@@ -134,7 +138,8 @@ def test_next_save_removes_temp_files_of_killed_writers_but_not_live_ones(tmp_pa
     try:
         (in_progress,) = set(layer.iterdir()) - {debris}
         # the next run's first save in that directory
-        subprocess.run([sys.executable, "-c", _SAVE_PNG, str(layer / "epoch=002.png")], check=True)
+        save = [sys.executable, "-c", _SAVE_PNG, str(layer / "epoch=002.png")]
+        subprocess.run(save, cwd=REPO, check=True)
         left = sorted(p.name for p in layer.iterdir())
         assert left == sorted([in_progress.name, "epoch=002.png"])
         with Image.open(layer / "epoch=002.png") as im:
