@@ -292,3 +292,38 @@ def test_wandb_run_keeps_config_yaml_in_its_own_directory(tmp_path, mnist_dir):
     assert "class_path: lightning.pytorch.loggers.WandbLogger" in (run / "config.yaml").read_text()
     assert not (tmp_path / "logs" / "config.yaml").exists()
     assert f"checkpoints:   logs/fm-lightning/{run.name}/checkpoints" in proc.stdout
+
+
+# ---------------------------------------------------------------- make test and the browser tests
+
+
+def test_make_test_installs_no_system_packages():
+    # -n prints every command `make test` would run, without running any
+    out = subprocess.run(
+        ["make", "-n", "test", "VENV=/nonexistent-venv"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "pytest" in out.stdout
+    for word in ("apt-get", "sudo", "dnf", "brew"):
+        assert word not in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_without_chromium_browser_tests_skip_saying_how_to_enable_them(ci, tmp_path, monkeypatch):
+    from browser import chromium
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no browser on it
+    monkeypatch.delenv("CHROMIUM", raising=False)
+    monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome) as raised:
+        with chromium():
+            pass
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "apt-get install chromium" in message and "$CHROMIUM" in message
+    assert message.startswith("no Chromium found" if ci else "browser tests skipped: no Chromium")
