@@ -11,17 +11,31 @@
 It is a plain LightningCLI (``run=False``), so every Trainer, model and data argument is a flag,
 ``--config`` takes YAML files (later ones override earlier ones) and callbacks or loggers are
 added by class path.
+
+Every run gets a directory of its own, even when several start at once in one working directory
+(a job array, two terminals): each CSV or TensorBoard logger without an explicit ``version``
+claims ``<save_dir>/<name>/version_<N>`` by creating it, which only one process can do, and
+``config.yaml`` goes there too (beside the checkpoints for other loggers, such as W&B). A model or
+data argument out of range is one ``error: --flag: expected ...`` line and exit status 2, as a
+malformed one is.
 """
 
 from __future__ import annotations
 
+import inspect
 import netrc
 import os
+import re
+import traceback
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import WandbLogger
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from fm_lightning.callbacks import FeatureMapCallback
 from fm_lightning.data import MNISTDataModule
@@ -48,6 +62,120 @@ class FMLightningCLI(LightningCLI):
         if uses_wandb and "WANDB_MODE" not in os.environ and not _wandb_key_available():
             # No account on this machine: write the run locally, upload later with `wandb sync`.
             os.environ["WANDB_MODE"] = "offline"
+        # Lightning picks max(version)+1 only when a logger first writes, so runs started
+        # together all pick the same one. Claim it now instead, on rank zero (DDP's other ranks
+        # take rank zero's directories, which Lightning broadcasts).
+        self._claimed: dict[Path, int] = {}  # loggers sharing a root share a version, as usual
+        if rank_zero_only.rank == 0:
+            for lg in loggers:
+                if str(getattr(lg, "class_path", "")).rsplit(".", 1)[-1] not in _VERSIONED:
+                    continue
+                args = lg.init_args
+                if args.get("version") is None:
+                    root = Path(args.save_dir, args.get("name") or "")
+                    if root not in self._claimed:
+                        self._claimed[root] = claim_version_dir(root)
+                    args.version = self._claimed[root]
+
+    def instantiate_classes(self) -> None:
+        """Builds model, data and Trainer; an argument they reject is a one-line error."""
+        try:
+            super().instantiate_classes()
+        except BaseException as err:
+            for root, version in self._claimed.items():  # the run never started: give them back
+                with suppress(OSError):
+                    (root / f"version_{version}").rmdir()
+            if isinstance(err, ValueError):
+                self.parser.exit(2, f"error: {_flag_error(err)}\n")
+            raise
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        """Checks the optimizer's arguments (now that the model exists), then builds the Trainer."""
+        _check_optimizer(self.model)
+        return super().instantiate_trainer(**kwargs)
+
+
+_VERSIONED = ("CSVLogger", "TensorBoardLogger")  # loggers that number their runs version_<N>
+
+
+def claim_version_dir(root: str | os.PathLike) -> int:
+    """Creates ``root/version_<N>`` for the lowest N above every existing one, and returns N.
+
+    ``mkdir`` fails if the directory exists, so of several processes claiming at once each gets
+    its own N.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(m[1]) for p in root.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:  # another run took it first
+            version += 1
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` in the run's own directory.
+
+    That is ``trainer.log_dir`` for CSV and TensorBoard loggers, and ``<save_dir>/<name>/<version>``
+    (beside the checkpoints) for the others, such as W&B, whose ``log_dir`` is the ``save_dir``
+    that all runs share. Runs on rank zero only, so it needs no broadcast.
+    """
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        logger = trainer.loggers[0] if trainer.loggers else None
+        if logger is None:
+            run_dir = trainer.default_root_dir
+        elif isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            run_dir = logger.log_dir
+        else:  # where ModelCheckpoint puts the run's checkpoints/
+            version = logger.version
+            version = version if isinstance(version, str) else f"version_{version}"
+            run_dir = os.path.join(
+                logger.save_dir or trainer.default_root_dir, str(logger.name), version
+            )
+        os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, self.config_filename)
+        self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
+
+
+def _check_optimizer(model: pl.LightningModule) -> None:
+    """Builds the model's optimizer and scheduler on a stand-in parameter, so that torch checks
+    their arguments before anything runs; a learning rate must also be > 0 (torch allows 0).
+
+    Raises:
+        ValueError: ``--model.optimizer: Invalid learning rate: -1.0`` and the like.
+    """
+    if not callable(getattr(model, "optimizer", None)):
+        return
+    lr = getattr(model.optimizer, "keywords", {}).get("lr")  # the CLI's optimizer is a partial
+    if isinstance(lr, float | int) and lr <= 0:
+        raise ValueError(f"--model.optimizer.lr: expected lr > 0, got {lr}")
+    try:
+        optimizer = model.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except ValueError as err:  # torch's words name the argument and value
+        raise ValueError(f"--model.optimizer: {err}") from None
+    try:
+        if getattr(model, "lr_scheduler", None) is not None:
+            model.lr_scheduler(optimizer)
+    except ValueError as err:
+        raise ValueError(f"--model.lr_scheduler: {err}") from None
+
+
+def _flag_error(err: ValueError) -> str:
+    """``--data.batch_size: expected batch_size > 0, got 0``: the message after the flag of the
+    argument it names, found from the model or data module whose ``__init__`` raised it."""
+    groups = {"model": pl.LightningModule, "data": pl.LightningDataModule}
+    for frame, _ in reversed(list(traceback.walk_tb(err.__traceback__))):  # innermost first
+        owner = frame.f_locals.get("self")
+        group = next((g for g, cls in groups.items() if isinstance(owner, cls)), None)
+        if group is not None:
+            params = inspect.signature(type(owner).__init__).parameters
+            name = next((n for n in params if re.search(rf"\b{n}\b", str(err))), None)
+            return f"--{group}{'.' + name if name else ''}: {err}"
+    return str(err)  # _check_optimizer's, or the Trainer's: the message names the argument
 
 
 def _wandb_key_available() -> bool:
@@ -67,7 +195,8 @@ def main(args: Sequence[str] | None = None, default_config: Path | None = DEFAUL
         MNISTDataModule,
         seed_everything_default=42,
         parser_kwargs=parser_kwargs,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunConfigCallback,
+        save_config_kwargs={"save_to_log_dir": False},  # RunConfigCallback.save_config does it
         auto_configure_optimizers=False,  # the optimizer is a --model.optimizer argument
         run=False,
         args=args,

@@ -29,7 +29,6 @@ import gzip
 import hashlib
 import os
 import pickle
-import shutil
 import struct
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import MNIST
 
-from fm_lightning.files import atomic_write
+from fm_lightning.files import atomic_write, staging_dir
 
 # numpy 2 moved numpy.core to numpy._core, and importing the old name warns
 try:
@@ -375,9 +374,9 @@ SOURCES = (
 def _fetch_into(source: Source, raw_dir: Path, names: list[str]) -> None:
     """Runs one source in a staging directory and moves its verified files into place."""
     # Staging inside raw_dir keeps os.replace on one file system, so each file appears
-    # whole or not at all; whatever the source leaves behind is deleted either way.
-    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=raw_dir))
-    try:
+    # whole or not at all; whatever the source leaves behind is deleted either way, and a
+    # staging directory left by a killed fetch is deleted by the next one.
+    with staging_dir(raw_dir, ".fetch-") as staging:
         source.fetch(staging)
         for name in names:
             path = staging / name
@@ -388,8 +387,6 @@ def _fetch_into(source: Source, raw_dir: Path, names: list[str]) -> None:
                 raise ValueError(f"{name} has MD5 {actual}, expected {MNIST_MD5[name]}")
         for name in names:
             os.replace(staging / name, raw_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _unavailable_message(raw_dir: Path, failures: list[str]) -> str:

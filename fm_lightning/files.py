@@ -3,17 +3,30 @@
     with atomic_write("data/MNIST/raw/train-labels-idx1-ubyte") as f:
         f.write(payload)                      # a crash here leaves no half-written file
     save_png(grid, "feature_maps/conv1/epoch=000.png")   # (H, W, 3) uint8 -> PNG
+    with staging_dir("data/MNIST/raw", ".fetch-") as tmp:   # a private directory, removed after
+        ...
 
 Used by the MNIST fetcher, the callback's local destination and the gallery, so one reader of
 the output directory never sees a partial file.
+
+Nothing is left behind either. A process killed mid-write (SIGKILL, power loss) leaves its
+``.<name>.<hex>.tmp`` file or staging directory; the first :func:`atomic_write` into a directory in
+each process, and every :func:`staging_dir`, removes such debris there. Debris is what is older
+than this process and not locked: a writer holds an ``flock`` on its temporary file or staging
+directory while it works, and the kernel releases it when the writer dies, however it dies.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import io
 import os
 import re
 import secrets
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -22,6 +35,12 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 from torch import Tensor
+
+# Temporary files and staging directories older than this were left by another process: one
+# still running holds its lock (see the module docstring), a dead one left debris.
+PROCESS_START = time.time()
+_TMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # atomic_write's ".<name>.<hex>.tmp"
+_swept: set[Path] = set()  # directories this process has already cleared of stale temp files
 
 
 @contextmanager
@@ -39,20 +58,93 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         The temporary file, opened for binary writing.
     """
     path = Path(path)
+    _sweep_once(path.parent)
     # Not tempfile.mkstemp: its files are private (0600); O_EXCL with mode 0o666 gives
     # the usual permissions under the user's umask, as a plain open() would.
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # "in use": another process's sweep leaves it alone
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # while still locked, so no sweep can take it before the rename
     except BaseException:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def staging_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
+    """A new private directory in ``parent``, deleted with its contents when the block ends.
+
+    Staging directories with the same ``prefix`` that a killed process left in ``parent`` are
+    deleted first. Keep ``parent`` on the file system of the final files, so moving them out
+    with ``os.replace`` is atomic.
+
+    Args:
+        parent: Existing directory to create it in.
+        prefix: Start of its name, e.g. ``".fetch-"`` (a leading dot keeps it out of listings).
+
+    Yields:
+        The directory, locked for as long as the block runs.
+    """
+    parent = Path(parent)
+    for old in parent.glob(f"{glob.escape(prefix)}*"):
+        remove_if_stale(old)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def remove_if_stale(path: str | os.PathLike) -> bool:
+    """Deletes a temporary file or staging directory that a dead process left behind.
+
+    Only if it is older than this process and nobody holds its lock (:func:`atomic_write` and
+    :func:`staging_dir` lock theirs while in use); anything else is left alone, as are symlinks.
+
+    Returns:
+        Whether ``path`` was deleted.
+    """
+    path = Path(path)
+    try:
+        if path.lstat().st_mtime >= PROCESS_START:
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # gone already, a symlink, or not ours to open
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: a live process is writing it
+        os.close(fd)
+        return False
+    try:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _sweep_once(directory: Path) -> None:
+    """Removes stale ``atomic_write`` temporary files from ``directory``, once per process."""
+    key = directory.absolute()
+    if key in _swept:
+        return
+    _swept.add(key)
+    with suppress(OSError), os.scandir(directory) as entries:  # a missing directory has none
+        for entry in entries:
+            if _TMP_NAME.fullmatch(entry.name):
+                remove_if_stale(entry.path)
 
 
 def to_png_bytes(img: Tensor | np.ndarray) -> bytes:

@@ -52,7 +52,9 @@ import math
 import os
 import re
 import string
+import warnings
 from collections.abc import Mapping
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
@@ -61,7 +63,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fm_lightning.files import atomic_write
 
-__all__ = ["append_stats", "write_gifs", "write_index"]
+__all__ = ["append_stats", "load_stats", "write_gifs", "write_index"]
 
 STATS_FILE = "stats.json"
 INDEX_FILE = "index.html"
@@ -275,17 +277,59 @@ def write_gifs(root: str | os.PathLike, duration_ms: int = 600) -> dict[str, Pat
     return written
 
 
-def _read_stats(path: Path) -> dict:
-    """The contents of stats.json, or an empty history when there is none yet."""
+def load_stats(path: str | os.PathLike) -> dict:
+    """The contents of a ``stats.json`` (see the module docstring), checked; empty if missing.
+
+    Raises:
+        ValueError: The file is not valid JSON or not in this module's format; the message
+            names the file and what is wrong.
+    """
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return {"format": _STATS_FORMAT, "layers": [], "history": []}
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); delete it to start over") from err
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != _STATS_FORMAT:
         raise ValueError(f"expected {path} to be a stats.json of format {_STATS_FORMAT}")
+    layers, history = data.get("layers"), data.get("history")
+    if not (isinstance(layers, list) and all(isinstance(name, str) for name in layers)):
+        raise ValueError(f"expected {path} to hold a list of layer names, got {layers!r:.80}")
+    for entry in history if isinstance(history, list) else [history]:
+        epoch = entry.get("epoch") if isinstance(entry, dict) else None
+        by_layer = entry.get("stats") if isinstance(entry, dict) else None
+        if not (
+            isinstance(epoch, int)
+            and not isinstance(epoch, bool)
+            and isinstance(by_layer, dict)
+            and all(
+                isinstance(values, dict)
+                and all(v is None or isinstance(v, int | float) for v in values.values())
+                for values in by_layer.values()
+            )
+        ):
+            raise ValueError(
+                f'expected {path} to hold a history of {{"epoch": int, "stats": {{layer: '
+                f"{{name: number}}}}}}, got {entry!r:.80}"
+            )
     return data
+
+
+def _read_stats(path: Path) -> dict:
+    """:func:`load_stats`, but a damaged file is moved aside with a warning and an empty history
+    is returned, so a run's gallery keeps updating."""
+    try:
+        return load_stats(path)
+    except ValueError as err:
+        # to the microsecond: a second damaged file must not replace the first one set aside
+        aside = path.with_name(f"{path.name}.corrupt-{datetime.now():%Y%m%d-%H%M%S.%f}")
+        os.replace(path, aside)
+        warnings.warn(
+            f"{err}. Moved it to {aside} and started a new {path.name}; the gallery's plots "
+            "show the statistics captured from now on.",
+            stacklevel=3,
+        )
+        return load_stats(path)  # moved away: an empty history
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -38,10 +38,14 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import os
 import pickle
+import pickletools
 import re
 import sys
+import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -54,7 +58,7 @@ from fm_lightning import rendering
 from fm_lightning.capture import capture, resolve_layers
 from fm_lightning.data import MNIST_MEAN, MNIST_STD, MNISTDataModule, load_mnist
 from fm_lightning.files import safe_path_part, save_png
-from fm_lightning.gallery import write_index
+from fm_lightning.gallery import STATS_FILE, load_stats, write_index
 from fm_lightning.models import SimpleCNN
 
 # How torch's weights-only unpickler words a refusal of something that is not plain data: a global
@@ -106,16 +110,24 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[SimpleCNN, dict]:
         hint = f" It holds: {', '.join(inside)}." if inside else ""
         raise VisualizeError(f"{path} is a directory; pass a checkpoint file.{hint}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols > 2, which its loader only partly reads; the
+            # error below says what matters, and nothing else should be printed.
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's weights-only unpickler names what it refused on one line of its message.
+        # What it would call, read from the pickle's opcodes: torch cannot even parse protocol 4
+        # ("Unsupported operand 149", its FRAME), and names only the first refusal otherwise.
+        # Failing that, torch's weights-only unpickler names what it refused on one line.
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = next((line for line in lines if _NEEDS_CODE.search(line)), None)
+        detail = _code_it_would_run(path) or next(
+            (line for line in lines if _NEEDS_CODE.search(line)), None
+        )
         if detail is not None:
             raise VisualizeError(
-                f"{path} was refused: loading it would run code or build objects other than "
-                f"tensors ({detail}). Only weights-only checkpoints are accepted (torch.load with "
-                "weights_only=True), such as the ones `python train.py` writes."
+                f"{path} was refused because loading it would run code ({detail}). Only "
+                "weights-only checkpoints are accepted (torch.load with weights_only=True: "
+                "tensors and plain containers), such as the ones `python train.py` writes."
             ) from None
         useful = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
         why = useful[-1] if useful else "the weights-only loader could not parse it"
@@ -144,6 +156,52 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[SimpleCNN, dict]:
     _check_fits(model, state, path)
     model.load_state_dict(state, strict=True)
     return model.eval(), ckpt if isinstance(ckpt, dict) else {}
+
+
+def _code_it_would_run(path: Path) -> str | None:
+    """What the checkpoint's pickle would import and call outside torch's weights-only allow-list
+    (``"it calls posix.system"``), found by reading its opcodes, which never runs them; None if
+    nothing is, or if the file is no pickle."""
+    try:  # private, so looked up here: without it, only torch's own words are reported
+        from torch._weights_only_unpickler import _get_allowed_globals
+    except ImportError:
+        return None
+    allowed = _get_allowed_globals()  # "module.name" of what torch.load(weights_only=True) takes
+    memo: dict[object, object] = {}
+    pushed: list[object] = []  # what the last two opcodes (memo ones aside) pushed
+    calls: dict[str, None] = {}  # the disallowed ones, in order, once each
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's format: the object is <archive>/data.pkl
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                stream = io.BytesIO(archive.read(name) if name else b"")
+        else:  # a bare pickle, or torch's legacy format: several pickles, then storage bytes
+            stream = io.BytesIO(path.read_bytes())
+        while stream.tell() < len(stream.getbuffer()):
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                    continue
+                if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = pushed[-1] if pushed else None
+                    continue
+                if op.name in ("GLOBAL", "INST"):  # arg: "module name"
+                    target = arg.replace(" ", ".", 1)
+                elif op.name == "STACK_GLOBAL":  # module and name are the two strings pushed
+                    strings = [x for x in pushed if isinstance(x, str)]
+                    target = ".".join(strings) if len(strings) == 2 else "a function named at load"
+                elif op.name.startswith("EXT"):
+                    target = "a function from the copyreg extension registry"
+                else:
+                    value = memo.get(arg) if op.name in ("GET", "BINGET", "LONG_BINGET") else arg
+                    is_str = "UNICODE" in op.name or op.name.endswith("STRING")
+                    pushed = [*pushed[-1:], value if is_str or op.name.endswith("GET") else None]
+                    continue
+                if target not in allowed:
+                    calls[target] = None
+    except (ValueError, zipfile.BadZipFile):  # past the pickles (legacy storage), or no pickle
+        pass
+    return f"it calls {', '.join(calls)}" if calls else None
 
 
 def _state_dict(ckpt: object, path: Path) -> dict[str, Tensor]:
@@ -539,6 +597,15 @@ def run(args: argparse.Namespace) -> None:
         resolve_layers(SimpleCNN(), args.layers)
     except ValueError as err:
         raise VisualizeError(str(err)) from None
+    try:  # and on a damaged stats.json in --out, which the gallery page would read
+        load_stats(Path(args.out) / STATS_FILE)
+    except OSError:
+        pass  # an --out that cannot be read cannot be written either: reported when writing
+    except ValueError as err:
+        raise VisualizeError(
+            f"{err}. --out is a gallery directory with a damaged stats file: delete or rename "
+            "it, or pass another --out."
+        ) from None
 
     models: dict[str, nn.Module] = {}  # variant -> model, untrained first
     mean, std = MNIST_MEAN, MNIST_STD

@@ -7,9 +7,10 @@
         page.goto(path.as_uri())
 
 The binary is ``$CHROMIUM`` if set, else the first of ``chromium``, ``chromium-browser``,
-``google-chrome`` and ``google-chrome-stable`` on PATH (``apt-get install chromium``). Without one,
-or without the ``playwright`` package, tests skip; under CI (``$CI`` set) they fail instead, so a
-broken CI image cannot pass by skipping every browser test.
+``google-chrome`` and ``google-chrome-stable`` on PATH. Without one, or without the ``playwright``
+package, tests skip with one line saying how to enable them (nothing is installed for you); under
+CI (``$CI`` set) they fail instead, so a broken CI image cannot pass by skipping every browser test.
+``.ci/run`` installs Chromium when it is missing.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ def find_chromium() -> str | None:
     return next(filter(None, map(shutil.which, _NAMES)), None)
 
 
-def _unavailable(reason: str) -> None:
+def _unavailable(reason: str, fix: str) -> None:
     if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must run the browser tests (apt-get install -y chromium)")
-    pytest.skip(reason)
+        pytest.fail(f"{reason}; CI must run the browser tests: {fix} (.ci/run installs chromium)")
+    pytest.skip(f"browser tests skipped: {reason}; to run them, {fix}")
 
 
 @contextmanager
@@ -54,13 +55,19 @@ def chromium() -> Iterator:
     """
     binary = find_chromium()
     if binary is None and os.environ.get("CHROMIUM"):
-        _unavailable(f"$CHROMIUM is {os.environ['CHROMIUM']!r}, which is not an executable")
+        _unavailable(
+            f"$CHROMIUM is {os.environ['CHROMIUM']!r}, which is not an executable",
+            "point $CHROMIUM at a Chromium or Chrome binary, or unset it",
+        )
     if binary is None:
-        _unavailable(f"no Chromium found: set $CHROMIUM or put one of {', '.join(_NAMES)} on PATH")
+        _unavailable(
+            f"no Chromium found (none of {', '.join(_NAMES)} is on PATH)",
+            "apt-get install chromium, or set $CHROMIUM to a Chromium or Chrome binary",
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("the playwright package is not installed (pip install -e '.[dev]')")
+        _unavailable("the playwright package is not installed", "pip install -e '.[dev]'")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=binary, headless=True, args=_ARGS)
         try:

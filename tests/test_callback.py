@@ -6,11 +6,11 @@ import csv
 import glob
 import json
 import os
-import struct
 import subprocess
 import sys
 import warnings
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -34,39 +34,6 @@ def _assert_not_blank(path) -> np.ndarray:
     assert img.ndim == 3 and img.shape[2] == 3
     assert img.std() > 5, f"{path} looks blank (std {img.std():.2f})"
     return img
-
-
-def _wandb_history(run_dir) -> list[dict]:
-    """The history rows of an offline W&B run, read from its run-*.wandb file.
-
-    The file is ":W&B" + magic + version (7 bytes), then a LevelDB-style log: 32 KiB blocks of
-    records (crc32: 4, length: 2, type: 1 (1 full, 2 first, 3 middle, 4 last)) whose payloads
-    are wandb's protobuf Records.
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    data = open(path, "rb").read()
-    assert data[:4] == b":W&B"
-    pos, payload, rows = 7, b"", []
-    while pos + 7 <= len(data):
-        left = 32768 - pos % 32768
-        if left < 7:  # block trailer
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        payload += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(payload)
-            payload = b""
-            if record.WhichOneof("record_type") == "history":
-                items = record.history.item
-                rows.append(
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
-                )
-    return rows
 
 
 def _fit(tmp_path, cb, logger=None, model=None, train=None, val=None, **kwargs):
@@ -206,37 +173,56 @@ def test_tensorboard_event_files_hold_the_images(tmp_path):
 
 
 def test_wandb_offline_run_holds_non_blank_images(tmp_path):
+    import wandb
+
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fm-test")
+    logged = []  # (metrics, step) of every log_metrics call: Lightning's and the callback's
+    log_metrics = logger.log_metrics
+
+    def recording_log_metrics(metrics, step=None):
+        logged.append((dict(metrics), step))
+        log_metrics(metrics, step)
+
+    logger.log_metrics = recording_log_metrics  # the real method still does the logging
     cb = FeatureMapCallback(layers=["conv1", "conv2"], num_images=2)
     _fit(tmp_path, cb, logger=logger, max_epochs=3)
     run_dir = os.path.dirname(logger.experiment.dir)
     # the local copy sits beside the checkpoints, in a directory of this run's own
     assert cb.local_dir == os.path.join(tmp_path, "fm-test", logger.version, "feature_maps")
     assert len(_pngs(os.path.join(cb.local_dir, "conv2"))) == 3
+
+    # What W&B was handed: one row per epoch (none from the sanity check) with images, captions
+    # and stats, on the step of that epoch's validation metrics.
+    val_steps = [step for metrics, step in logged if "val/acc" in metrics]
+    rows = [(metrics, step) for metrics, step in logged if "feature_maps/conv1" in metrics]
+    assert len(val_steps) == 3 and [step for _, step in rows] == val_steps
+    for epoch, (metrics, step) in enumerate(rows):
+        for tag in ("feature_maps/conv1", "feature_maps/conv2", "probe_inputs"):
+            assert isinstance(metrics[tag], wandb.Image), tag
+            pixels = np.asarray(metrics[tag].image.convert("RGB"))
+            assert pixels.std() > 5, f"{tag} of epoch {epoch} looks blank"
+        assert wandb.Image.all_captions([metrics["feature_maps/conv1"]]) == [
+            f"epoch {epoch}, step {step}, channels 0-15 of 16"
+        ]
+        assert isinstance(metrics["feature_stats/conv2/dead_channels"], float)
+    # the evolution GIFs arrive once, at the end of fit
+    videos = [metrics for metrics, _ in logged if any("evolution" in key for key in metrics)]
+    assert [sorted(v) for v in videos] == [
+        ["feature_maps_evolution/conv1", "feature_maps_evolution/conv2"]
+    ]
+    assert all(isinstance(v, wandb.Video) for v in videos[0].values())
+
+    # and the media files W&B wrote into the run, which `wandb sync` uploads
     logger.experiment.finish()
     assert os.path.basename(run_dir).startswith("offline-run-")
-    media = os.path.join(run_dir, "files", "media", "images")
+    media = os.path.join(run_dir, "files", "media")
     for layer in ("conv1", "conv2"):
-        files = sorted(glob.glob(os.path.join(media, "feature_maps", f"{layer}_*.png")))
-        assert len(files) == 3, files  # one per epoch, none from the sanity check
+        files = sorted(glob.glob(os.path.join(media, "images", "feature_maps", f"{layer}_*.png")))
+        assert len(files) == 3, files
         for path in files:
-            img = _assert_not_blank(path)
-            assert img.dtype == np.uint8
-    assert len(glob.glob(os.path.join(media, "probe_inputs_*.png"))) == 3
-    # Images land on the step of that epoch's validation metrics, with a caption.
-    rows = _wandb_history(run_dir)
-    val_steps = [r["trainer/global_step"] for r in rows if "val/acc" in r]
-    image_rows = [r for r in rows if "feature_maps/conv1/path" in r]
-    assert len(val_steps) == 3 and [r["trainer/global_step"] for r in image_rows] == val_steps
-    assert (
-        image_rows[0]["feature_maps/conv1/caption"]
-        == f"epoch 0, step {val_steps[0]}, channels 0-15 of 16"
-    )
-    assert "feature_stats/conv2/dead_channels" in image_rows[0]
-    # the evolution GIFs arrive once, at the end of fit
-    gifs = glob.glob(
-        os.path.join(run_dir, "files", "media", "videos", "**", "*.gif"), recursive=True
-    )
+            _assert_not_blank(path)
+    assert len(glob.glob(os.path.join(media, "images", "probe_inputs_*.png"))) == 3
+    gifs = glob.glob(os.path.join(media, "videos", "**", "*.gif"), recursive=True)
     assert sorted(os.path.basename(g).split("_")[0] for g in gifs) == ["conv1", "conv2"]
 
 
@@ -572,14 +558,54 @@ def test_drops_into_a_linear_only_model(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_capture_matches_and_keeps_memory_flat(tmp_path):
+def test_gpu_capture_matches_and_keeps_memory_flat(tmp_path, monkeypatch):
+    # full float32 convolutions on both sides, so the CPU can reproduce the GPU's maps
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    allocated = []  # GPU bytes in use after each epoch's capture
+
+    class AfterCapture(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            torch.cuda.synchronize()
+            allocated.append(torch.cuda.memory_allocated())
+
     cb = FeatureMapCallback(layers=["conv1", "conv2"], save_dir=str(tmp_path / "maps"))
-    trainer = tiny_trainer(tmp_path, [cb], max_epochs=3, accelerator="gpu", precision="16-mixed")
-    trainer.fit(ImageClassifier(SimpleCNN()), random_loader(), random_loader(seed=1))
+    model = ImageClassifier(SimpleCNN())
+    trainer = tiny_trainer(
+        tmp_path, [cb, AfterCapture()], max_epochs=5, accelerator="gpu", num_sanity_val_steps=0
+    )
+    trainer.fit(model, random_loader(), random_loader(seed=1))
     assert cb.probe.device.type == "cuda"
-    assert len(_pngs(tmp_path / "maps" / "conv2")) == 3
-    for path in _pngs(tmp_path / "maps" / "conv1"):
-        _assert_not_blank(path)
+    assert len(_pngs(tmp_path / "maps" / "conv2")) == 5
+
+    # matches: the last epoch's PNGs are what the same weights draw on the CPU
+    model = model.cpu().eval()
+    acts = {}  # layer -> (N, C, H, W) output, recorded by plain torch hooks
+    hooks = [
+        getattr(model.net, name).register_forward_hook(
+            lambda module, args, out, name=name: acts.__setitem__(name, out)
+        )
+        for name in ("conv1", "conv2")
+    ]
+    with torch.no_grad():
+        model(cb.probe.cpu())
+    for hook in hooks:
+        hook.remove()
+    for layer, act in acts.items():
+        expected = rendering.feature_grid(
+            act, max_channels=cb.max_channels, normalize=cb.normalize, cmap=cb.cmap, order=cb.order
+        ).numpy()
+        drawn = np.asarray(Image.open(tmp_path / "maps" / layer / "epoch=004.png").convert("RGB"))
+        assert drawn.shape == expected.shape, layer
+        # a colour level at most: float32 sums in another order round differently
+        assert np.abs(drawn.astype(int) - expected.astype(int)).max() <= 1, layer
+        assert drawn.std() > 5, f"{layer} looks blank"
+
+    # keeps memory flat: from epoch 1 on (epoch 0 also creates the optimizer's state), every
+    # capture leaves GPU memory where the one before left it, not one probe's maps higher
+    one_capture = sum(act.numel() * 4 for act in acts.values())  # float32 maps of both layers
+    assert len(allocated) == 5
+    assert max(allocated[1:]) - min(allocated[1:]) < one_capture / 4, allocated
 
 
 # ---------------------------------------------------------------- class path and DDP (subprocesses)

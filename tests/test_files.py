@@ -2,11 +2,16 @@
 
 import io
 import os
+import signal
 import stat
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from fm_lightning.files import atomic_write, save_png, to_png_bytes
@@ -81,3 +86,63 @@ def test_to_png_bytes_rejects_bad_images():
         to_png_bytes(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) image, got shape \(4, 4\)"):
         to_png_bytes(np.zeros((4, 4), np.uint8))
+
+
+# ---------------------------------------------------------------- debris of killed processes
+
+
+def start_held_writer(code: str, *args: str) -> subprocess.Popen:
+    """``python -c code *args``, where ``code`` prints ``ready`` once it is mid-write and then
+    hangs: SIGKILL it to leave what a crash leaves, or keep it running as a writer at work."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        cwd=REPO,  # this checkout's fm_lightning
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()  # blocks until the write has begun (or the process died)
+    assert line == "ready\n", f"writer exited with {proc.wait()} before it was mid-write"
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL: no cleanup handler, no finally block runs."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+
+_PNG_WRITE_HELD = """
+    import sys, time
+    from fm_lightning.files import atomic_write
+    with atomic_write(sys.argv[1]) as f:
+        f.write(b"half a PNG")
+        print("ready", flush=True)
+        time.sleep(600)
+"""
+_SAVE_PNG = "import sys, numpy; from fm_lightning.files import save_png; " + (
+    "save_png(numpy.full((4, 4, 3), 255, numpy.uint8), sys.argv[1])"
+)
+
+
+@pytest.mark.slow
+def test_next_save_removes_temp_files_of_killed_writers_but_not_live_ones(tmp_path):
+    layer = tmp_path / "conv1"
+    layer.mkdir()
+    # a capture killed mid-write, as SIGKILL during training leaves it
+    kill(start_held_writer(_PNG_WRITE_HELD, str(layer / "epoch=000.png")))
+    (debris,) = layer.iterdir()
+    assert debris.name.startswith(".epoch=000.png.") and debris.name.endswith(".tmp")
+    # another process writing into the same directory right now, since before the next run
+    live = start_held_writer(_PNG_WRITE_HELD, str(layer / "epoch=001.png"))
+    try:
+        (in_progress,) = set(layer.iterdir()) - {debris}
+        # the next run's first save in that directory
+        save = [sys.executable, "-c", _SAVE_PNG, str(layer / "epoch=002.png")]
+        subprocess.run(save, cwd=REPO, check=True)
+        left = sorted(p.name for p in layer.iterdir())
+        assert left == sorted([in_progress.name, "epoch=002.png"])
+        with Image.open(layer / "epoch=002.png") as im:
+            assert im.getpixel((0, 0)) == (255, 255, 255)
+    finally:
+        kill(live)

@@ -60,16 +60,18 @@ def test_append_stats_merges_replaces_a_recaptured_epoch_and_keeps_first_capture
     assert leftovers(tmp_path) == []
 
 
-def test_append_stats_rejects_bad_epochs_and_foreign_files(tmp_path):
+def test_append_stats_rejects_bad_epochs_and_moves_foreign_files_aside(tmp_path):
     for epoch in (-1, 1.0, True):
         with pytest.raises(ValueError, match="epoch"):
             append_stats(tmp_path, epoch, {"conv1": STATS})
     (tmp_path / "stats.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.warns(UserWarning, match="stats.json is not valid JSON.*Moved it to .*corrupt-"):
         append_stats(tmp_path, 0, {"conv1": STATS})
+    assert [h["epoch"] for h in json.loads((tmp_path / "stats.json").read_text())["history"]] == [0]
     (tmp_path / "stats.json").write_text('{"conv1": []}')
-    with pytest.raises(ValueError, match="format"):
+    with pytest.warns(UserWarning, match="format 1. Moved it to"):
         write_index(tmp_path)
+    assert len(list(tmp_path.glob("stats.json.corrupt-*"))) == 2
 
 
 # ---------------------------------------------------------------------------- index.html

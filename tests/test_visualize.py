@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -197,6 +200,36 @@ def test_unwritable_out(digits, tmp_path, capsys):
     assert f"cannot write to {blocker / 'out'}" in err
 
 
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"format": 1, "history": []}', "a list of layer names"),  # no "layers"
+        ('{"format": 1, "layers": ["conv1"], "history": [{"epoch": "0"}]}', "a history of"),
+        ("[1, 2]", "a stats.json of format 1"),
+    ],
+    ids=["json", "missing-key", "wrong-type", "not-a-dict"],
+)
+def test_damaged_stats_json_in_out_is_one_error_and_left_alone(
+    content, problem, digits, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stats.json").write_text(content)
+    err = _error(capsys, ["--untrained", "--image", *digits, "--out", str(out)])
+    assert err.count("\n") == 1
+    assert f"{out / 'stats.json'}" in err and problem in err
+    assert "delete or rename it, or pass another --out" in err
+    assert [p.name for p in out.iterdir()] == ["stats.json"]  # nothing written, nothing moved
+    assert (out / "stats.json").read_text() == content
+
+    # a good one (a training run's gallery) is kept, and its history still drives the page
+    stats = {"format": 1, "layers": ["conv1"], "history": [{"epoch": 0, "stats": {}}]}
+    (out / "stats.json").write_text(json.dumps(stats))
+    assert main(["--untrained", "--image", *digits, "--out", str(out)]) == 0
+    assert json.loads((out / "stats.json").read_text()) == stats
+
+
 @pytest.mark.slow
 def test_mnist_index(ckpt, mnist_dir, tmp_path, capsys):
     out = tmp_path / "out"
@@ -241,7 +274,10 @@ def test_corrupt_checkpoint(kind, ckpt, digits, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_checkpoint_that_would_run_code_is_refused(digits, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "how", ["torch.save", "torch.save protocol 4", "pickle protocol 4", "pickle protocol 2"]
+)
+def test_checkpoint_that_would_run_code_is_refused(how, digits, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
 
     class Payload:
@@ -249,15 +285,26 @@ def test_checkpoint_that_would_run_code_is_refused(digits, tmp_path, monkeypatch
             return (os.system, ("touch PWNED",))
 
     path = tmp_path / "evil.ckpt"
-    state = {"net." + k: v for k, v in SimpleCNN().state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": Payload()}, path)
-    err = _error(capsys, ["--ckpt", str(path), "--image", *digits, "--out", "out"])
-    assert str(path) in err and "refused" in err and "run code" in err
-    assert "weights-only" in err
+    obj = {"state_dict": {"net." + k: v for k, v in SimpleCNN().state_dict().items()}}
+    obj["hyper_parameters"] = Payload()
+    if how.startswith("torch.save"):
+        torch.save(obj, path, pickle_protocol=4 if how.endswith("4") else 2)
+    else:
+        path.write_bytes(pickle.dumps(obj, protocol=int(how[-1])))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        err = _error(capsys, ["--ckpt", str(path), "--image", *digits, "--out", "out"])
+    assert [str(w.message) for w in caught] == []  # torch's pickle-protocol warning included
+    assert err.count("\n") == 1  # one line, nothing else
+    assert f"{path} was refused because loading it would run code" in err
+    assert "posix.system" in err and "weights-only" in err
     assert not (tmp_path / "PWNED").exists()
     assert not (tmp_path / "out").exists()
     # The payload is live: an unsafe load would have run it.
-    torch.load(path, map_location="cpu", weights_only=False)
+    if how.startswith("torch.save"):
+        torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        pickle.loads(path.read_bytes())
     assert (tmp_path / "PWNED").exists()
 
 
