@@ -753,11 +753,7 @@ def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
 def _channels_text(cap: capture.Captured) -> str:
     if cap.channels is None:
         return f"{cap.act.shape[-1]} of {cap.total_channels} features"
-    shown = cap.channels.tolist()
-    total = f" of {cap.total_channels}"
-    if shown == list(range(shown[0], shown[0] + len(shown))):
-        return f"channels {shown[0]}-{shown[-1]}{total}"
-    return "channels " + ",".join(map(str, shown)) + total
+    return f"channels {_ranges(cap.channels.tolist())} of {cap.total_channels}"
 
 
 def _ranges(values: list[int]) -> str:

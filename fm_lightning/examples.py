@@ -675,7 +675,17 @@ class ExampleStream:
 
     @contextmanager
     def batch(self, inputs: Tensor, indices: Tensor) -> Iterator[None]:
-        """Hooks that stream this batch's maps, for the body of the ``with`` only."""
+        """Hooks that stream this batch's maps, for the body of the ``with`` only.
+
+        The body runs eagerly (``torch.compiler.set_stance("force_eager")``): compiled code
+        would skip the hooks.
+        """
+        with torch.compiler.set_stance("force_eager"):
+            with self._hooked(inputs, indices):
+                yield
+
+    @contextmanager
+    def _hooked(self, inputs: Tensor, indices: Tensor) -> Iterator[None]:
         live = {}
         for name, module in self.modules.items():
             if name in self.errors:

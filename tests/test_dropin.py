@@ -65,6 +65,10 @@ def test_compiled_net_with_a_ragged_last_batch_is_drawn_under_its_own_names(tmp_
     grid = np.asarray(Image.open(_frames(cb, "conv1")[-1]))
     assert grid.shape[0] > 13 * 16  # 13 rows of maps: the probe, not a compiled batch's worth
     assert with_callback == graphs_of_a_fit([])  # the probe pass compiled nothing
+    # Examples need hooks during validation: captured validations of a compiled net run eagerly.
+    with_examples = FeatureMapCallback(layers=["conv1"], examples=2, save_dir=str(tmp_path / "x"))
+    graphs_of_a_fit([with_examples])
+    assert len(glob.glob(str(tmp_path / "x" / "conv1" / "examples" / "epoch=*.png"))) == 2
 
 
 @dataclass
