@@ -172,7 +172,7 @@ def _flag_error(err: ValueError) -> str:
         owner = frame.f_locals.get("self")
         group = next((g for g, cls in groups.items() if isinstance(owner, cls)), None)
         if group is not None:
-            params = inspect.signature(type(owner).__init__).parameters
+            params = inspect.signature(type(owner)).parameters  # its __init__'s, without self
             name = next((n for n in params if re.search(rf"\b{n}\b", str(err))), None)
             return f"--{group}{'.' + name if name else ''}: {err}"
     return str(err)  # _check_optimizer's, or the Trainer's: the message names the argument

@@ -18,7 +18,6 @@ directory while it works, and the kernel releases it when the writer dies, howev
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import io
 import os
@@ -35,6 +34,11 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 from torch import Tensor
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: there nothing counts as debris, nothing is removed
+    fcntl = None
 
 # Temporary files and staging directories older than this were left by another process: one
 # still running holds its lock (see the module docstring), a dead one left debris.
@@ -65,7 +69,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # "in use": another process's sweep leaves it alone
+            if fcntl:  # "in use": another process's sweep leaves it alone
+                fcntl.flock(f, fcntl.LOCK_EX)
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -95,13 +100,15 @@ def staging_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
     for old in parent.glob(f"{glob.escape(prefix)}*"):
         remove_if_stale(old)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY) if fcntl else None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def remove_if_stale(path: str | os.PathLike) -> bool:
@@ -114,6 +121,8 @@ def remove_if_stale(path: str | os.PathLike) -> bool:
         Whether ``path`` was deleted.
     """
     path = Path(path)
+    if fcntl is None:  # no way to tell a live writer's file from a dead one's
+        return False
     try:
         if path.lstat().st_mtime >= PROCESS_START:
             return False

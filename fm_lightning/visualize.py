@@ -32,6 +32,10 @@ converted to grayscale and a note says so; a mode Pillow cannot convert is refus
 are refused unless ``--resize`` is given (then: scaled to fit 28x28 with antialiasing, aspect kept,
 padded with the image's border colour). ``--invert`` turns dark-on-light drawings into MNIST's
 light-on-dark. Every failure prints ``error: ...`` and exits with status 2.
+
+``--out`` may be a training run's gallery directory: its ``stats.json`` is kept and its plots still
+show. A damaged one is an error, and left as it is for the user to look at (the training callback,
+which must not stop, moves it aside instead).
 """
 
 from __future__ import annotations
