@@ -277,9 +277,13 @@ class FeatureMapCallback(Callback):
                     f"{_describe(x)}"
                 )
             # Dataset indices under Lightning's samplers (sequential, or DistributedSampler's
-            # rank-strided shards), so all ranks' candidates merge as one process's would.
+            # rank-strided shards, padded with the first inputs again), so all ranks'
+            # candidates merge as one process's would and a padded input counts once.
             seen = self._stream_seen + torch.arange(len(x), device=x.device)
             indices = seen * trainer.world_size + trainer.global_rank
+            size = _dataset_size(trainer)
+            if size:
+                indices = indices % size
             self._stream_seen += len(x)
             self._stream_hooks.enter_context(self._stream.batch(x, indices))
         except Exception as err:
@@ -741,6 +745,16 @@ def _is_captured(trainer: pl.Trainer, every_n_epochs: int) -> bool:
     # model at the end of the epoch (or where fitting stops early).
     loop = trainer.fit_loop.epoch_loop
     return bool(loop.batch_progress.is_last_batch or loop._is_training_done or trainer.should_stop)
+
+
+def _dataset_size(trainer: pl.Trainer) -> int | None:
+    """Length of the first validation dataset, or None when it has none (iterable datasets)."""
+    loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

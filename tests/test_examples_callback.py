@@ -390,12 +390,6 @@ def test_ddp_two_cpu_processes_give_the_examples_of_one(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="callbacks.py numbers a padded input by its position past the end (63), not its "
-    "dataset index (0), so the merge keeps input 0 twice; the patch wraps indices modulo "
-    "len(dataset)",
-)
 def test_ddp_padded_shard_counts_the_repeated_input_once(tmp_path):
     # 63 inputs on 2 ranks: DistributedSampler pads rank 1's shard with input 0 again.
     one = _ddp_examples(tmp_path, devices=1, val_size=63)
