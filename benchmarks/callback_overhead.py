@@ -10,9 +10,10 @@ Targets:
        destination). With/without alternate, order flipping every round (AB, BA, ...); the
        verdict uses the median of the per-round ratios.
     2. one capture + render + log of 2 layers x 4 images under 50 ms on CPU. After a short fit,
-       cb.on_validation_end(trainer, model) is called directly (cb._last_epoch reset before each
-       call, since it captures once per epoch); reported as median and p90, and split into the
-       capture (cb._capture: forward with hooks) and the render + log (cb._log).
+       cb.on_validation_end(trainer, model) is called directly (cb._capturing set before each
+       call, as on_validation_start sets it for a captured epoch); reported as median and p90,
+       and split into the capture (fm_lightning.capture.capture: the forward with hooks) and the
+       render + log (cb._log).
     3. memory flat over 30 captures: RSS (and torch.cuda.memory_allocated on a GPU), read after
        gc.collect() following each capture, grows by no more than in a control loop of plain
        forward passes of the same probe without the callback (run before and after, to measure
@@ -32,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from fm_lightning import FeatureMapCallback, ImageClassifier, MNISTDataModule, SimpleCNN
+from fm_lightning import FeatureMapCallback, ImageClassifier, MNISTDataModule, SimpleCNN, capture
 
 # -----------------------------------------------------------------------------
 # config
@@ -179,25 +180,33 @@ trainer.fit(model, datamodule=dm)  # sets up the callback and takes its probe of
 model.to(device)  # the strategy's teardown moved the model back to the CPU
 epoch = trainer.current_epoch
 assert cb.probe is not None and len(cb.probe) == 4, "the fit should have taken a 4-image probe"
+cb._resolve(model)  # teardown dropped the callback's module references
 
 
 def full_call_seconds() -> float:
-    cb._last_epoch = None  # else it skips: it captures at most once per epoch
+    cb._capturing = True  # as on_validation_start decides for a captured epoch
     with common.Timer(device) as t:
         cb.on_validation_end(trainer, model)
     return t.s
 
 
+def probe_pass():
+    captured, _ = capture.capture(
+        model, cb.probe, cb._modules, max_channels=cb.max_channels, order=cb.order
+    )
+    return captured
+
+
 def capture_seconds() -> float:
     with common.Timer(device) as t:
-        cb._capture(trainer, model)
+        probe_pass()
     return t.s
 
 
 def log_seconds() -> float:
-    cb._capture(trainer, model)
+    captured = probe_pass()
     with common.Timer(device) as t:
-        cb._log(trainer, epoch)
+        cb._log(trainer, epoch, captured, {}, [])
     return t.s
 
 
@@ -242,7 +251,7 @@ def track(step) -> list[tuple[int, int]]:
 
 
 def capture_step() -> None:
-    cb._last_epoch = None
+    cb._capturing = True
     cb.on_validation_end(trainer, model)
 
 
