@@ -1,6 +1,7 @@
 """What does one class-activation-map capture cost, and what does it look like?
 
-    python benchmarks/cam_capture.py                          # ~20 s on a 2-core CPU
+    python benchmarks/cam_capture.py                          # ~4 min on a 2-core CPU
+    python benchmarks/cam_capture.py --fit-repeats 0          # the capture alone, ~20 s
     python benchmarks/cam_capture.py --method LayerCAM --layer conv2 --out /tmp/cam.png
 
 Target: one capture (fm_lightning.cam.class_activation_maps) of 8 probe images on SimpleCNN under
@@ -12,23 +13,36 @@ so the true-class maps are computed too: the costlier path).
 Also timed: drawing (cam_grid) and PNG encoding. And a picture: the grid of a SimpleCNN trained
 for --train-batches batches of MNIST, for the first 6 validation images and the first 2 it gets
 wrong (so the true-class column shows maps), is written to --out.
+
+Target 2: fit time with ``cam`` on within 2% of the same fit with it off, for the callback as the
+default run configures it (configs/default.yaml: layers conv1 and conv2, 8 probe images, top-9
+examples; ``cam="GradCAM"``, ``cam_layer="conv2"`` or ``cam=None``). SimpleCNN on MNIST in
+batches of 64, --fit-epochs epochs of --fit-train-batches batches and full validation (5,000
+images), CSVLogger; on and off alternate, order flipping every round, --fit-repeats rounds; the
+verdict is the median of the per-round ratios. The time spent drawing the CAM inside each fit
+is reported too: a direct measure that does not drown in machine noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
 import time
 
 import common
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
 
-from fm_lightning import MNISTDataModule, SimpleCNN
+from fm_lightning import FeatureMapCallback, ImageClassifier, MNISTDataModule, SimpleCNN
 from fm_lightning.cam import CAM_METHODS, cam_caption, cam_grid, class_activation_maps
 from fm_lightning.files import save_png, to_png_bytes
 
 TARGET_S = 0.100
 PROBE = 8
+FIT_RATIO_TARGET = 1.02
 
 parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
 parser.add_argument("--method", choices=CAM_METHODS, default="GradCAM")
@@ -37,6 +51,9 @@ parser.add_argument("--repeats", type=int, default=50, help="timed calls per cas
 parser.add_argument("--train-batches", type=int, default=150, help="batches of 64 to train on")
 parser.add_argument("--out", default="/tmp/cam_grid.png", help="where the picture goes")
 parser.add_argument("--seed", type=int, default=42)
+parser.add_argument("--fit-repeats", type=int, default=6, help="cam on/off pairs of fits (0: skip)")
+parser.add_argument("--fit-epochs", type=int, default=2)
+parser.add_argument("--fit-train-batches", type=int, default=300, help="batches of 64 per epoch")
 parser.add_argument(
     "--threads", type=int, help="torch threads while timing (default: torch's); 1 on a busy machine"
 )
@@ -131,4 +148,96 @@ print(
 )
 print(f"wrote {save_png(grid, args.out)}")
 print(f"caption: {cam_caption(result)}")
+
+# -----------------------------------------------------------------------------
+# 3. fit time with cam on vs off
+
+
+class TimedCam(FeatureMapCallback):
+    """FeatureMapCallback that adds up the wall time spent computing and drawing the CAM."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.cam_s = 0.0
+
+    def _cam_pictures(self, trainer, pl_module):
+        with common.Timer(device) as t:
+            pictures = super()._cam_pictures(trainer, pl_module)
+        self.cam_s += t.s
+        return pictures
+
+
+cam_seconds: list[float] = []  # per fit with cam on
+
+
+def fit_seconds(cam: bool) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        # configs/default.yaml's callback, with cam on or off
+        cb = TimedCam(
+            layers=["conv1", "conv2"],
+            num_images=8,
+            examples=9,
+            cam="GradCAM" if cam else None,
+            cam_layer="conv2",
+        )
+        trainer = pl.Trainer(
+            max_epochs=args.fit_epochs,
+            limit_train_batches=args.fit_train_batches,
+            logger=CSVLogger(tmp),
+            callbacks=[cb],
+            deterministic=True,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator=device.type,
+            devices=1,
+        )
+        torch.manual_seed(args.seed)
+        model = ImageClassifier(SimpleCNN())
+        with common.Timer(device) as t:
+            trainer.fit(model, datamodule=dm)
+    if cam:
+        cam_seconds.append(cb.cam_s)
+    return t.s
+
+
+if args.fit_repeats > 0:
+    common.quiet_lightning()
+    print(
+        f"\n[3] fit time, cam on vs off: {args.fit_epochs} epochs x {args.fit_train_batches} "
+        f"train batches of 64 + full validation ({len(dm.val_set)} images), "
+        f"{args.fit_repeats} rounds"
+    )
+    fit_seconds(True)  # untimed warm-up of both: imports, colormaps, PNG and GIF encoders
+    fit_seconds(False)
+    cam_seconds.clear()
+    fits = common.interleaved(
+        {"cam on": lambda: fit_seconds(True), "cam off": lambda: fit_seconds(False)},
+        args.fit_repeats,
+    )
+    on_vs_off = common.ratios(fits["cam on"], fits["cam off"])
+    print(f"  cam on   {common.fmt_s(fits['cam on'])}")
+    print(f"  cam off  {common.fmt_s(fits['cam off'])}")
+    per_round = [a / b for a, b in zip(fits["cam on"], fits["cam off"], strict=True)]
+    print(f"  per-round ratios on/off: {', '.join(f'{r:.3f}' for r in per_round)}")
+    common.spread_warning(fits)
+    print(common.fmt_ratios("on / off", on_vs_off, "(target <= 1.02, per-round median)"))
+    cam_ms = common.median(cam_seconds) * 1e3
+    print(
+        f"  time computing and drawing the CAM: median {cam_ms:.0f} ms per fit "
+        f"({args.fit_epochs} captures) = {cam_ms / 1e3 / common.median(fits['cam off']):.2%} "
+        "of the median fit with cam off"
+    )
+    # How finely the wall clock can tell: standard error of the median of per-round ratios.
+    if args.fit_repeats > 1:
+        resolution = 1.2533 * statistics.stdev(per_round) / len(per_round) ** 0.5
+        print(
+            f"  wall-clock resolution: +-{resolution:.1%} (standard error of the per-round median)"
+        )
+    ratio = on_vs_off["per-round median"]
+    common.target(
+        f"fit time cam on / off <= {FIT_RATIO_TARGET} on {device.type}",
+        ratio <= FIT_RATIO_TARGET,
+        f"{ratio:.3f} (median of {args.fit_repeats} per-round ratios)",
+    )
 common.print_load("at end")

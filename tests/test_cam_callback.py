@@ -472,6 +472,27 @@ def test_true_classes_from_tuples_dicts_or_target_fn_and_two_columns_without(
         assert torch.equal(cb.probe_targets, labels[:4]) and columns == 3
 
 
+def test_resumed_run_keeps_the_probe_and_its_true_classes(tmp_path):
+    cb = FeatureMapCallback(layers=["conv1"], cam="GradCAM", cam_layer="conv2", strict=True)
+    first = tiny_trainer(tmp_path, [cb], max_epochs=1)
+    first.fit(ImageClassifier(SimpleCNN()), random_loader(), random_loader(seed=1))
+    first.save_checkpoint(tmp_path / "last.ckpt")
+
+    resumed = FeatureMapCallback(layers=["conv1"], cam="GradCAM", cam_layer="conv2", strict=True)
+    # Other validation data on resume: the probe and its classes come from the checkpoint.
+    tiny_trainer(tmp_path, [resumed], max_epochs=2).fit(
+        ImageClassifier(SimpleCNN()),
+        random_loader(),
+        random_loader(seed=2),
+        ckpt_path=tmp_path / "last.ckpt",
+    )
+    assert torch.equal(resumed.probe, cb.probe)
+    assert torch.equal(resumed.probe_targets, cb.probe_targets)
+    assert not torch.equal(resumed.probe_targets, random_loader(seed=2).dataset.tensors[1][:4])
+    assert os.path.basename(_cam_frames(resumed)[-1]) == "epoch=001.png"
+    assert _tiles(_cam_frames(resumed)[-1]).shape[:2] == (4, 3)
+
+
 def test_target_fn_returning_no_classes_is_reported(tmp_path):
     cb = FeatureMapCallback(
         layers=["conv1"], cam="GradCAM", target_fn=lambda batch: batch[1].float(), strict=True
