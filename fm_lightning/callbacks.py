@@ -20,6 +20,7 @@ failure warns once per cause and the run goes on (``strict=True`` raises instead
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -626,12 +627,12 @@ class FeatureMapCallback(Callback):
         except Exception as err:
             self._fail("cam", err)
             return []
-        name = self._cam_module[0] if self._cam_module else result.layer
+        if self._cam_module is not None:  # named as the user named it, like the feature maps
+            result = dataclasses.replace(result, layer=self._cam_module[0])
         epoch = trainer.current_epoch
         caption = f"epoch {epoch}: {cam_caption(result)}"
-        return [
-            Picture(f"class_activation/{name}", f"{CAM_DIR}/epoch={epoch:03d}.png", grid, caption)
-        ]
+        path = f"{CAM_DIR}/epoch={epoch:03d}.png"
+        return [Picture(f"class_activation/{result.layer}", path, grid, caption)]
 
     # ------------------------------------------------------------------ rendering and logging
 

@@ -381,7 +381,7 @@ def test_wandb_gets_captioned_images_on_the_validation_step_and_the_gif(tmp_path
     )
     (caption,) = wandb.Image.all_captions([rows[-1][0]["class_activation/conv2"]])
     assert caption == (
-        "epoch 2: GradCAM on net.conv2; columns: input, predicted, true (grey: right). " + expected
+        "epoch 2: GradCAM on conv2; columns: input, predicted, true (grey: right). " + expected
     )
     videos = [m for m, _ in logged if "class_activation_evolution/cam" in m]
     assert len(videos) == 1 and isinstance(videos[0]["class_activation_evolution/cam"], wandb.Video)
