@@ -32,7 +32,7 @@ import torchcam.methods
 from torch import Tensor, nn
 from torchcam.methods._utils import locate_candidate_layer
 
-from fm_lightning.rendering import _check_tensor, _grid, _upscale, colorize, normalize_maps
+from fm_lightning.rendering import check_tensor, colorize, normalize_maps, tile_grid, upscale
 
 __all__ = [
     "CAM_METHODS",
@@ -187,12 +187,12 @@ def class_activation_maps(
             a layer whose output is not (N, C, h, w) (and no ``reshape`` makes it so).
     """
     check_cam_method(method)
-    _check_tensor(inputs, "inputs")
+    check_tensor(inputs, "inputs")
     if inputs.dim() != 4 or inputs.shape[0] == 0:
         raise ValueError(f"expected inputs of shape (N, C, H, W), got shape {tuple(inputs.shape)}")
     n = inputs.shape[0]
     if targets is not None:
-        _check_tensor(targets, "targets")
+        check_tensor(targets, "targets")
         if targets.shape != (n,) or targets.is_floating_point() or targets.is_complex():
             raise ValueError(
                 f"expected targets of shape ({n},) with integer classes, one per input, "
@@ -269,7 +269,7 @@ def cam_grid(
     Returns:
         (H', W', 3) uint8 on the CPU.
     """
-    _check_tensor(images, "images")
+    check_tensor(images, "images")
     if images.dim() != 4 or images.shape[0] != len(result.pred_maps):
         raise ValueError(
             f"expected images of shape ({len(result.pred_maps)}, C, H, W), one per map, "
@@ -292,7 +292,7 @@ def cam_grid(
         right = (result.pred == result.target).cpu()[:, None, None, None]  # (N, 1, 1, 1)
         columns.append(torch.where(right, torch.full_like(true, _SAME_CLASS_GREY), true))
     tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (N * columns, 3, H, W), image-major
-    return _grid(_upscale(tiles, _MIN_TILE_PX, _MIN_TILE_PX), nrow=len(columns), padding=2)
+    return tile_grid(upscale(tiles, _MIN_TILE_PX, _MIN_TILE_PX), nrow=len(columns), padding=2)
 
 
 def cam_caption(result: CamResult) -> str:

@@ -72,7 +72,7 @@ def select_channels(act: Tensor, max_channels: int, order: str = "index") -> Ten
     Returns:
         LongTensor of at most ``max_channels`` channel indices, on ``act``'s device.
     """
-    _check_tensor(act, "act")
+    check_tensor(act, "act")
     _check_choice("order", order, ORDERS)
     if act.dim() < 2:
         raise ValueError(f"expected an (N, C, ...) activation, got shape {tuple(act.shape)}")
@@ -106,7 +106,7 @@ def normalize_maps(act: Tensor, mode: str = "channel") -> Tensor:
     Returns:
         float32 tensor of shape (N, C, H, W) with values in [0, 1].
     """
-    _check_tensor(act, "act")
+    check_tensor(act, "act")
     _check_choice("mode", mode, NORMALIZE_MODES)
     if act.dim() != 4:
         raise ValueError(f"expected a (N, C, H, W) tensor, got shape {tuple(act.shape)}")
@@ -138,7 +138,7 @@ def colorize(x01: Tensor, cmap: str = "viridis") -> Tensor:
     Returns:
         float32 tensor of shape (..., 3, H, W) with values in [0, 1].
     """
-    _check_tensor(x01, "x01")
+    check_tensor(x01, "x01")
     if x01.dim() < 2:
         raise ValueError(f"expected a (..., H, W) tensor, got shape {tuple(x01.shape)}")
     lut = _lut(cmap).to(x01.device)  # (256, 3)
@@ -189,7 +189,7 @@ def feature_grid(
     Raises:
         UnsupportedActivationError: If ``act`` is empty or not 2-, 3- or 4-D.
     """
-    _check_tensor(act, "act")
+    check_tensor(act, "act")
     _check_choice("normalize", normalize, NORMALIZE_MODES)
     if act.dim() not in (2, 3, 4) or act.numel() == 0:
         raise UnsupportedActivationError(
@@ -211,9 +211,9 @@ def feature_grid(
         maps = act if act.dim() == 4 else act.unsqueeze(2)  # (N, C, H, W)
         min_h = min_w = _MIN_MAP_PX
     n, c = maps.shape[:2]
-    maps = _upscale(normalize_maps(maps, normalize), min_h, min_w)  # (N, C, h, w)
+    maps = upscale(normalize_maps(maps, normalize), min_h, min_w)  # (N, C, h, w)
     tiles = colorize(maps, cmap).flatten(0, 1)  # (N*C, 3, h, w), image-major
-    return _grid(tiles, nrow=c, padding=padding)
+    return tile_grid(tiles, nrow=c, padding=padding)
 
 
 @torch.no_grad()
@@ -231,13 +231,13 @@ def image_grid(images: Tensor, padding: int = 1) -> Tensor:
     Returns:
         uint8 tensor of shape (H_out, W_out, 3): one row of N images.
     """
-    _check_tensor(images, "images")
+    check_tensor(images, "images")
     if images.dim() != 4 or images.numel() == 0:
         raise ValueError(f"expected images of shape (N, C, H, W), got shape {tuple(images.shape)}")
     if images.shape[1] != 3:
         images = images[:, :1]
     rgb = normalize_maps(images, "layer").expand(-1, 3, -1, -1)  # (N, 3, H, W)
-    return _grid(rgb, nrow=len(rgb), padding=padding)
+    return tile_grid(rgb, nrow=len(rgb), padding=padding)
 
 
 @torch.no_grad()
@@ -253,7 +253,7 @@ def activation_stats(act: Tensor) -> dict[str, float]:
         ``dead_channels``, the fraction of channels that are <= 0 (or NaN) for every image
         and position, i.e. dead ReLU units. All are Python floats.
     """
-    _check_tensor(act, "act")
+    check_tensor(act, "act")
     if act.dim() < 2 or act.numel() == 0:
         raise UnsupportedActivationError(
             f"expected a non-empty (N, C, ...) activation, got shape {tuple(act.shape)}"
@@ -272,7 +272,7 @@ def activation_stats(act: Tensor) -> dict[str, float]:
     return dict(zip(("mean", "std", "frac_zero", "dead_channels"), values, strict=True))
 
 
-def _check_tensor(x: object, name: str) -> None:
+def check_tensor(x: object, name: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"expected {name} to be a Tensor, got {type(x).__name__}")
 
@@ -301,7 +301,7 @@ def _lut(cmap: str) -> Tensor:
     return torch.from_numpy(rgba[:, :3]).float()
 
 
-def _upscale(maps: Tensor, min_h: int, min_w: int) -> Tensor:
+def upscale(maps: Tensor, min_h: int, min_w: int) -> Tensor:
     """Repeat pixels of (..., H, W) maps by integer factors until they are >= min_h x min_w."""
     fh = math.ceil(min_h / maps.shape[-2])
     fw = math.ceil(min_w / maps.shape[-1])
@@ -312,7 +312,7 @@ def _upscale(maps: Tensor, min_h: int, min_w: int) -> Tensor:
     return maps
 
 
-def _grid(tiles: Tensor, nrow: int, padding: int) -> Tensor:
+def tile_grid(tiles: Tensor, nrow: int, padding: int) -> Tensor:
     """Lay (B, 3, h, w) tiles in [0, 1] out with separators; returns (H, W, 3) uint8."""
     grid = make_grid(tiles, nrow=nrow, padding=padding, pad_value=_PAD_VALUE)  # (3, H, W)
     if len(tiles) == 1:
