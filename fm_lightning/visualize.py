@@ -1,37 +1,69 @@
-"""Feature-map grids for a trained checkpoint, outside training.
+"""Feature-map grids, top examples and class-activation maps for a checkpoint, outside training.
 
     python -m fm_lightning.visualize --ckpt logs/mnist/version_0/checkpoints/last.ckpt \
         --mnist-index 0 1 2 3 --out logs/visualize
     python -m fm_lightning.visualize --ckpt last.ckpt --image digit.png --layers conv1 conv2
     python -m fm_lightning.visualize --untrained --mnist-index 0 1 2 3   # fresh SimpleCNN, seed 0
     python -m fm_lightning.visualize --ckpt last.ckpt --mnist-index 0 1 --compare  # side by side
+    python -m fm_lightning.visualize --ckpt last.ckpt --mnist-index 0 1 2 3 \
+        --examples 9 --cam GradCAM --cam-layer conv2     # what channels respond to, where it looks
+    python -m fm_lightning.visualize --untrained --config logs/mnist/version_3/config.yaml \
+        --mnist-index 0 1                                 # that run's network, freshly initialised
 
-The grids are drawn exactly as ``FeatureMapCallback`` draws them during training
-(``fm_lightning.rendering``: rows are input images, columns channels), for the layers named by
-``--layers`` (names or glob patterns of ``SimpleCNN``: ``conv1``, ``pool``, ``conv2``, ``fc1``...).
+Everything is drawn exactly as ``FeatureMapCallback`` draws it during training: the grids by
+``fm_lightning.capture`` and ``fm_lightning.rendering`` (rows are input images, columns
+channels) for the layers named by ``--layers`` (names or glob patterns, as the callback takes
+them); with ``--examples K`` each drawn channel's top K inputs of the MNIST test set, cropped to
+its receptive field (``fm_lightning.examples``, as ``examples=K`` does over validation; dead
+channels, never above 0 on the test set, are marked); with ``--cam METHOD`` class-activation
+overlays of the inputs (``fm_lightning.cam``, torchcam), for the predicted class and, for
+``--mnist-index`` inputs, the true class, at ``--cam-layer`` (a layer name or pattern matching
+one module; default the run's ``cam_layer``, else torchcam's choice).
+
+The network. A checkpoint written by ``python train.py`` sits in ``checkpoints/`` of its run
+directory, beside the ``config.yaml`` LightningCLI saved there; its ``model:`` section is parsed
+and instantiated by LightningCLI's own parser (jsonargparse), so whatever ``--model.net`` the run
+used (a class path with ``init_args``, ``torchvision.models.resnet18``, ``timm.create_model`` with
+``dict_kwargs``, a module of your own) is rebuilt the same way. ``--config PATH`` names another
+one. Layers are then named as the callback names them, relative to the ImageClassifier
+(``conv1`` finds ``net.conv1``), and ``--layers`` defaults to the run's FeatureMapCallback
+layers. Building the network imports and calls what the config names, as ``train.py --config``
+does: use configs you trust. Without a config the network is SimpleCNN (layers ``conv1``,
+``pool``, ``conv2``, ``fc1``...; default ``conv1 conv2``), and bare SimpleCNN state dicts load too.
+
+Inputs have MNIST's shape, 1x28x28, because that is what ``MNISTDataModule`` (train.py's data)
+feeds every network it trains: a network that does not take it (say, a 3-channel ResNet) is
+refused with one line, by one forward pass of a zero image before anything is drawn. Inputs go
+through ``MNISTDataModule.normalize``, with the mean and std recorded in the checkpoint (or the
+config's ``data:`` section; the template's defaults otherwise).
 
 Output layout (``--out``, default ``logs/visualize``)::
 
-    probe_inputs.png           the inputs, in one row, in the order given
-    <layer>/trained.png        the checkpoint's maps (with --ckpt)
-    <layer>/untrained.png      a freshly initialised SimpleCNN's maps (--untrained, --compare)
-    compare_<layer>.png        --compare: untrained and trained grids side by side, labelled
-    index.html                 a gallery page of all of the above (fm_lightning.gallery)
+    probe_inputs.png                 the inputs, in one row, in the order given
+    <layer>/trained.png              the checkpoint's maps (with --ckpt)
+    <layer>/untrained.png            a freshly initialised network's maps (--untrained, --compare)
+    <layer>/examples/trained.png     --examples: top-K test inputs per drawn channel (and
+                                     untrained.png with --untrained or --compare)
+    cam/trained.png                  --cam: input, predicted-class and true-class overlays per
+                                     input (and untrained.png)
+    compare_<layer>.png              --compare: untrained and trained grids side by side, labelled
+    index.html                       a gallery page of all of the above (fm_lightning.gallery)
 
 A layer called twice in one forward pass (SimpleCNN's ``pool``) gets one directory per call,
-``pool`` and ``pool@2``, as in the callback's output.
+``pool`` and ``pool@2``, as in the callback's output. What each picture shows (channels,
+dead channels, predictions, CAM captions) is printed.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only, so
-a file that would run code while loading is refused, never executed. Both Lightning checkpoints of
-``ImageClassifier(SimpleCNN())`` (keys ``net.conv1.weight``...) and bare ``SimpleCNN`` state dicts
-(``conv1.weight``...) load. Inputs go through ``MNISTDataModule.normalize``, with the mean and std
-recorded in the checkpoint when it has them (the template's defaults otherwise).
+a file that would run code while loading is refused, never executed. Both Lightning checkpoints
+(keys ``net.conv1.weight``...) and the network's bare state dicts (``conv1.weight``...) load.
 
 Input images must be 28x28 grayscale, like MNIST (light digit on black). Other colour modes are
 converted to grayscale and a note says so; a mode Pillow cannot convert is refused. Other sizes
 are refused unless ``--resize`` is given (then: scaled to fit 28x28 with antialiasing, aspect kept,
 padded with the image's border colour). ``--invert`` turns dark-on-light drawings into MNIST's
-light-on-dark. Every failure prints ``error: ...`` and exits with status 2.
+light-on-dark. Every failure (a bad argument, checkpoint, config, image, layer or CAM method)
+prints one line, ``error: ...`` naming the problem and the fix, and exits with status 2; nothing
+is written to ``--out`` before all is drawn.
 
 ``--out`` may be a training run's gallery directory: its ``stats.json`` is kept and its plots still
 show. A damaged one is an error, and left as it is for the user to look at (the training callback,
@@ -51,27 +83,51 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor, nn
 
 from fm_lightning import rendering
-from fm_lightning.capture import capture, resolve_layers
+from fm_lightning.cam import (
+    CAM_METHODS,
+    cam_caption,
+    cam_grid,
+    check_cam_method,
+    class_activation_maps,
+)
+from fm_lightning.capture import capture, eval_mode, resolve_layers
 from fm_lightning.data import MNIST_MEAN, MNIST_STD, MNISTDataModule, load_mnist
+from fm_lightning.examples import ExamplesResult, ExampleStream, examples_grid
 from fm_lightning.files import safe_path_part, save_png
-from fm_lightning.gallery import STATS_FILE, load_stats, write_index
-from fm_lightning.models import SimpleCNN
+from fm_lightning.gallery import (
+    CAM_DIR,
+    EXAMPLES_DIR,
+    PROBE_FILE,
+    STATS_FILE,
+    load_stats,
+    write_index,
+)
+from fm_lightning.layouts import interpret
+from fm_lightning.models import ImageClassifier, SimpleCNN
 
 # How torch's weights-only unpickler words a refusal of something that is not plain data: a global
 # (a function or class), an object to build, or a function to call while loading.
 _NEEDS_CODE = re.compile(r"GLOBAL|Can only (create new object|build)|call reduce")
 _TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
-IMAGE_SIZE = 28  # SimpleCNN's input: 1x28x28, as MNIST
+IMAGE_SIZE = 28  # MNIST's images, MNISTDataModule's batches: 1x28x28
+CONFIG_FILE = "config.yaml"  # what train.py's LightningCLI saves in the run's directory
+EXAMPLES_BATCH = 500  # MNIST test images per forward pass of the --examples sweep
 SUPPORTED = (
-    "SimpleCNN checkpoints from this template (`python train.py`, or a SimpleCNN state_dict)"
+    "SimpleCNN checkpoints from this template (`python train.py`, or a SimpleCNN state_dict), "
+    f"and any network trained by `python train.py` through its run's {CONFIG_FILE} (found in "
+    "the run directory above checkpoints/, or given with --config PATH)"
 )
 
 
@@ -87,12 +143,18 @@ def _note(message: str) -> None:
 # Models
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[SimpleCNN, dict]:
-    """Loads a SimpleCNN from a Lightning checkpoint or a bare state_dict, weights only.
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module | None = None, built_from: str = "SimpleCNN"
+) -> tuple[nn.Module, dict]:
+    """Loads a checkpoint's weights, weights only, into ``model`` (default: a SimpleCNN).
 
     Args:
         path: a ``.ckpt`` written by ``python train.py`` (or ``trainer.save_checkpoint``), or a
-            file holding ``SimpleCNN().state_dict()``.
+            file holding the network's ``state_dict()``.
+        model: the model to load into, e.g. from :func:`model_from_config`. Its ``net``
+            (ImageClassifier's network) gets the weights when it has one, else the model does.
+            None: a SimpleCNN with as many classes as the checkpoint's ``fc3``.
+        built_from: how ``model`` was made, for the message when the weights do not fit.
 
     Returns:
         ``(model, checkpoint)``: the model in eval mode on the CPU, and the loaded dict.
@@ -101,6 +163,20 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[SimpleCNN, dict]:
         VisualizeError: the file is missing, unreadable, would run code, or does not fit.
     """
     path = Path(path)
+    ckpt = read_checkpoint(path)
+    state = _state_dict(ckpt, path)
+    if model is None:
+        fc3 = state.get("fc3.weight")
+        num_classes = fc3.shape[0] if isinstance(fc3, Tensor) and fc3.ndim == 2 else 10
+        model = SimpleCNN(num_classes=num_classes)
+    net = model.net if isinstance(getattr(model, "net", None), nn.Module) else model
+    _check_fits(net, state, path, built_from)
+    net.load_state_dict(state, strict=True)
+    return model.eval(), ckpt if isinstance(ckpt, dict) else {}
+
+
+def read_checkpoint(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU; every failure a VisualizeError."""
     if not path.exists():
         found = sorted(glob.glob("logs/*/version_*/checkpoints/*.ckpt"))[:3]
         hint = f" Checkpoints found here: {', '.join(found)}." if found else ""
@@ -118,7 +194,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[SimpleCNN, dict]:
             # torch warns about pickle protocols > 2, which its loader only partly reads; the
             # error below says what matters, and nothing else should be printed.
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # What it would call, read from the pickle's opcodes: torch cannot even parse protocol 4
         # ("Unsupported operand 149", its FRAME), and names only the first refusal otherwise.
@@ -152,14 +228,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[SimpleCNN, dict]:
             f"{path} is not a readable PyTorch checkpoint ({why}); it may be corrupt or "
             "truncated, or not written by torch.save."
         ) from None
-
-    state = _state_dict(ckpt, path)
-    fc3 = state.get("fc3.weight")
-    num_classes = fc3.shape[0] if isinstance(fc3, Tensor) and fc3.ndim == 2 else 10
-    model = SimpleCNN(num_classes=num_classes)
-    _check_fits(model, state, path)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), ckpt if isinstance(ckpt, dict) else {}
 
 
 def _code_it_would_run(path: Path) -> str | None:
@@ -209,7 +277,7 @@ def _code_it_would_run(path: Path) -> str | None:
 
 
 def _state_dict(ckpt: object, path: Path) -> dict[str, Tensor]:
-    """The SimpleCNN weights in a loaded checkpoint, with ImageClassifier's ``net.`` removed."""
+    """The network's weights in a loaded checkpoint, with ImageClassifier's ``net.`` removed."""
     if isinstance(ckpt, Mapping) and isinstance(ckpt.get("state_dict"), Mapping):
         state = dict(ckpt["state_dict"])
     elif isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
@@ -230,12 +298,12 @@ def _state_dict(ckpt: object, path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _check_fits(model: nn.Module, state: dict[str, object], path: Path) -> None:
+def _check_fits(model: nn.Module, state: dict[str, object], path: Path, built_from: str) -> None:
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     wrong = [
-        f"{key} {tuple(value.shape)} (SimpleCNN: {tuple(expected[key].shape)})"
+        f"{key} {tuple(value.shape)} ({type(model).__name__}: {tuple(expected[key].shape)})"
         if isinstance(value, Tensor)
         else f"{key} (a {type(value).__name__}, not a tensor)"
         for key, value in state.items()
@@ -251,11 +319,13 @@ def _check_fits(model: nn.Module, state: dict[str, object], path: Path) -> None:
         )
         if items
     ]
-    if problems:
-        raise VisualizeError(
-            f"{path} does not fit SimpleCNN ({'; '.join(problems)}). "
-            f"The visualizer supports {SUPPORTED}."
-        )
+    if not problems:
+        return
+    if built_from == "SimpleCNN":
+        fix = f"The visualizer supports {SUPPORTED}."
+    else:
+        fix = "Pass --config with the config.yaml of the run that wrote this checkpoint."
+    raise VisualizeError(f"{path} does not fit {built_from} ({'; '.join(problems)}). {fix}")
 
 
 def untrained_model(seed: int, num_classes: int = 10) -> SimpleCNN:
@@ -263,6 +333,150 @@ def untrained_model(seed: int, num_classes: int = 10) -> SimpleCNN:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return SimpleCNN(num_classes=num_classes).eval()
+
+
+# -----------------------------------------------------------------------------
+# A run's config.yaml
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The parts of a ``python train.py`` run's ``config.yaml`` that the visualizer uses."""
+
+    path: Path
+    model: dict  # the `model:` section: ImageClassifier's arguments, `net` as a class path
+    data: dict  # the `data:` section: MNISTDataModule's arguments
+    layers: list[str] | None  # the run's FeatureMapCallback `layers`, if it had one
+    cam_layer: str | None  # and its `cam_layer`
+
+
+def find_config(ckpt: str | os.PathLike) -> Path | None:
+    """The config.yaml of the run that wrote ``ckpt``: beside it, or in the run directory when
+    it is in ``checkpoints/`` (``logs/<name>/version_<N>/{config.yaml,checkpoints/*.ckpt}``)."""
+    ckpt = Path(ckpt)
+    folders = (
+        [ckpt.parent, ckpt.parent.parent] if ckpt.parent.name == "checkpoints" else [ckpt.parent]
+    )
+    return next((f / CONFIG_FILE for f in folders if (f / CONFIG_FILE).is_file()), None)
+
+
+def read_config(path: str | os.PathLike) -> RunConfig:
+    """Reads the sections of a run's config.yaml that build its model and data.
+
+    Raises:
+        VisualizeError: the file is missing, unreadable, not YAML, or has no ``model:`` section.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VisualizeError(
+            f"config not found: {path}. Pass the {CONFIG_FILE} that `python train.py` saved in "
+            f"the run's directory (logs/<name>/version_<N>/{CONFIG_FILE}), or leave --config out "
+            "for a SimpleCNN checkpoint."
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise VisualizeError(f"cannot read config {path}: {err.strerror or err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        why = " ".join(str(err).split())
+        raise VisualizeError(
+            f"{path} is not valid YAML ({why}); pass the {CONFIG_FILE} `python train.py` saved."
+        ) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise VisualizeError(
+            f"{path} has no model: section; expected the {CONFIG_FILE} that `python train.py` "
+            "saves in its run directory (model: net: class_path: ...)."
+        )
+    data = raw.get("data")
+    if not isinstance(data, dict | None):
+        raise VisualizeError(f"expected the data: section of {path} to be a mapping, got {data!r}")
+    # The run's FeatureMapCallback, if any: its layers are the visualizer's default layers.
+    trainer = raw.get("trainer") if isinstance(raw.get("trainer"), dict) else {}
+    callbacks = trainer.get("callbacks")
+    found = next(
+        (
+            cb.get("init_args") or {}
+            for cb in (callbacks if isinstance(callbacks, list) else [callbacks])
+            if isinstance(cb, dict)
+            and str(cb.get("class_path", "")).rsplit(".", 1)[-1] == "FeatureMapCallback"
+        ),
+        {},
+    )
+    layers = found.get("layers") if isinstance(found, dict) else None
+    layers = [layers] if isinstance(layers, str) else layers
+    cam_layer = found.get("cam_layer") if isinstance(found, dict) else None
+    return RunConfig(
+        path=path,
+        model=raw["model"],
+        data=data or {},
+        layers=layers
+        if isinstance(layers, list) and all(isinstance(x, str) for x in layers)
+        else None,
+        cam_layer=cam_layer if isinstance(cam_layer, str) else None,
+    )
+
+
+def model_from_config(
+    config: RunConfig, seed: int | None = None
+) -> tuple[ImageClassifier, MNISTDataModule]:
+    """The run's ImageClassifier (in eval mode) and MNISTDataModule, as train.py builds them.
+
+    Built by LightningCLI's own parser (jsonargparse) from the ``model:`` and ``data:``
+    sections, so every ``--model.net`` train.py takes (a class path with ``init_args``, a
+    function such as ``torchvision.models.resnet18`` or ``timm.create_model`` with
+    ``dict_kwargs``, a module of your own) is built the same way. This imports and calls what
+    the config names, as ``python train.py --config`` does: use configs you trust. The global
+    random state is left as it was; ``seed`` seeds the initial weights.
+
+    Raises:
+        VisualizeError: a class that does not import, an argument it does not take, or a
+            value it refuses, in the words of jsonargparse or of the class.
+    """
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(ImageClassifier, "model")
+    parser.add_lightning_class_args(MNISTDataModule, "data")
+    # jsonargparse >= 4.49 calls it instantiate(); older ones, as Lightning does, the other name
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    try:
+        cfg = parser.parse_object({"model": config.model, "data": config.data})
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            built = instantiate(cfg)
+    except Exception as err:  # jsonargparse's ArgumentError, or what a constructor raises
+        why = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise VisualizeError(
+            f"cannot build the model of {config.path} ({why or type(err).__name__}). Fix its "
+            "model: or data: section, and run from the directory you trained in, so that "
+            "modules of your own import."
+        ) from None
+    return built.model.eval(), built.data
+
+
+def _described(model: nn.Module, config: RunConfig) -> str:
+    """``ImageClassifier(net=timm.models.resnet.ResNet) from logs/.../config.yaml``."""
+    net = getattr(model, "net", None)
+    inner = f"(net={type(net).__module__}.{type(net).__qualname__})" if net is not None else ""
+    return f"{type(model).__name__}{inner} from {config.path}"
+
+
+def _check_takes_mnist(model: nn.Module, what: str) -> None:
+    """One MNIST-shaped zero image through ``model``: a one-line error, not a traceback later."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE))
+    except Exception as err:
+        why = next(iter(str(err).strip().splitlines()), "")
+        raise VisualizeError(
+            f"the {what} does not take MNIST's 1x{IMAGE_SIZE}x{IMAGE_SIZE} images "
+            f"({type(err).__name__}: {why}); the visualizer feeds what MNISTDataModule, "
+            "train.py's data, feeds: pass the config.yaml of a run trained on it."
+        ) from None
+    if not (isinstance(out, Tensor) and out.dim() == 2 and len(out) == 1):
+        got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise VisualizeError(
+            f"expected the {what} to return (N, num_classes) logits for MNIST images, got {got}"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -275,7 +489,7 @@ def load_image(
     invert: bool = False,
     note: Callable[[str], None] = _note,
 ) -> np.ndarray:
-    """Reads one image as the 28x28 uint8 grayscale array SimpleCNN expects.
+    """Reads one image as the 28x28 uint8 grayscale array the networks take (as MNIST).
 
     Conversions are reported through ``note``; what cannot be converted raises.
 
@@ -330,7 +544,7 @@ def load_image(
         return pixels
     if not resize:
         raise VisualizeError(
-            f"image {name} is {w}x{h} pixels, but SimpleCNN takes {IMAGE_SIZE}x{IMAGE_SIZE} "
+            f"image {name} is {w}x{h} pixels, but the network takes {IMAGE_SIZE}x{IMAGE_SIZE} "
             "(MNIST-sized) images, so it was refused. Pass --resize to scale it to fit "
             f"{IMAGE_SIZE}x{IMAGE_SIZE} (aspect ratio kept, padded with its border colour), "
             "or resize it yourself."
@@ -388,6 +602,23 @@ def _to_gray(img: Image.Image, name: str, note: Callable[[str], None]) -> np.nda
     return np.asarray(gray, dtype=np.uint8).copy()
 
 
+def mnist_test_set(data_dir: str) -> tuple[Tensor, Tensor]:
+    """The official MNIST test set (fetched into ``data_dir`` if absent).
+
+    Returns:
+        ``((10000, 1, 28, 28) uint8, (10000,) int64 labels)``.
+
+    Raises:
+        VisualizeError: MNIST cannot be had.
+    """
+    dm = MNISTDataModule(data_dir)
+    try:
+        dm.prepare_data()
+        return load_mnist(dm.raw_dir, "test")
+    except Exception as err:  # unavailable, corrupt: data.py's messages say what to do
+        raise VisualizeError(f"cannot load the MNIST test set: {err}") from None
+
+
 def load_mnist_test(data_dir: str, indices: Sequence[int]) -> tuple[Tensor, list[int]]:
     """Images ``indices`` of the official MNIST test set (fetched into ``data_dir`` if absent).
 
@@ -397,12 +628,7 @@ def load_mnist_test(data_dir: str, indices: Sequence[int]) -> tuple[Tensor, list
     Raises:
         VisualizeError: MNIST cannot be had, or an index is out of range.
     """
-    dm = MNISTDataModule(data_dir)
-    try:
-        dm.prepare_data()
-        images, labels = load_mnist(dm.raw_dir, "test")
-    except Exception as err:  # unavailable, corrupt: data.py's messages say what to do
-        raise VisualizeError(f"cannot load the MNIST test set: {err}") from None
+    images, labels = mnist_test_set(data_dir)
     bad = [i for i in indices if not 0 <= i < len(images)]
     if bad:
         raise VisualizeError(
@@ -438,6 +664,76 @@ def side_by_side(panels: Sequence[tuple[str, np.ndarray]], gap: int = 16) -> np.
     return np.asarray(canvas)
 
 
+def top_examples(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    images: Tensor,
+    k: int,
+    max_channels: int,
+    channels: Mapping[str, Tensor] | None = None,
+    batch_size: int = EXAMPLES_BATCH,
+) -> tuple[dict[str, ExamplesResult], dict[str, str]]:
+    """Each drawn channel's top-k of ``images``, streamed as FeatureMapCallback streams a
+    validation run (:class:`fm_lightning.examples.ExampleStream`: the same hooks, receptive
+    fields measured from the model, crops and ranking).
+
+    Args:
+        model: the model the layers belong to.
+        modules: ``{name: module}``, as from :func:`fm_lightning.capture.resolve_layers`.
+        images: (N, C, H, W) float inputs as the model takes them; an image's index is its row.
+        k: examples per channel.
+        max_channels: channels kept per layer when ``channels`` does not name them.
+        channels: ``{layer: (Cd,) channel indices}``, the channels the grids draw.
+
+    Returns:
+        ``({layer: result}, {layer: why it has no examples})``.
+    """
+    stream = ExampleStream(model, modules, k=k, max_channels=max_channels, channels=channels)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size]  # (B, C, H, W)
+            with stream.batch(x, torch.arange(start, start + len(x))):
+                model(x)
+    return {layer: topk.result() for layer, topk in stream.topk.items()}, dict(stream.errors)
+
+
+def cam_picture(
+    model: nn.Module,
+    x: Tensor,
+    method: str,
+    layer: str | None,
+    targets: Tensor | None,
+    cmap: str,
+) -> tuple[Tensor, str]:
+    """Class-activation overlays of ``x`` (N, C, H, W) and their caption, as FeatureMapCallback
+    draws its probe: :func:`fm_lightning.cam.class_activation_maps`, then ``cam_grid``.
+
+    ``layer`` is a name or pattern matching one module (as ``resolve_layers`` reads it), its
+    output read as the callback reads it (``fm_lightning.layouts``: tokens and channels-last
+    become maps); None is torchcam's choice. ``targets`` (N,) adds the true-class column.
+
+    Raises:
+        ValueError: a layer matching no module or several, or as ``class_activation_maps``
+            (e.g. a layer without spatial maps).
+    """
+    name, reshape = None, None
+    if layer is not None:
+        found = resolve_layers(model, [layer])
+        if len(found) != 1:
+            raise ValueError(
+                f"expected --cam-layer {layer!r} to match one module, got {len(found)}: "
+                f"{', '.join(found)}; name one of them"
+            )
+        (module,) = found.values()
+        name = next(n for n, m in model.named_modules() if m is module)
+
+        def reshape(t: Tensor) -> Tensor:
+            return interpret(t, module=module, model=model, num_rows=len(x)).act
+
+    result = class_activation_maps(model, x, method, layer=name, targets=targets, reshape=reshape)
+    return cam_grid(x.float(), result, cmap=cmap), cam_caption(result)
+
+
 def _predictions(logits: Tensor) -> str:
     probs = logits.softmax(dim=1)
     conf, pred = probs.max(dim=1)
@@ -448,14 +744,24 @@ def _predictions(logits: Tensor) -> str:
 # Command line
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one ``error: ...`` line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m fm_lightning.visualize",
         description=(
-            "Draw what SimpleCNN's layers see for chosen inputs, as FeatureMapCallback does\n"
+            "Draw what a network's layers see for chosen inputs, as FeatureMapCallback does\n"
             "during training: for a trained checkpoint (--ckpt), a freshly initialised network\n"
-            "(--untrained), or both side by side (--ckpt PATH --compare). Writes PNG grids and\n"
-            "an index.html gallery to --out; errors print 'error: ...' and exit with status 2."
+            "(--untrained), or both side by side (--ckpt PATH --compare); optionally each\n"
+            "channel's top MNIST test inputs (--examples K) and class-activation maps (--cam).\n"
+            "The network is rebuilt from its run's config.yaml (any --model.net of train.py),\n"
+            "or is SimpleCNN when there is none. Writes PNGs and an index.html gallery to --out;\n"
+            "errors print one 'error: ...' line and exit with status 2."
         ),
         epilog=(
             "examples:\n"
@@ -464,7 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m fm_lightning.visualize --ckpt last.ckpt --image digit.png --resize "
             "--invert\n"
             "  python -m fm_lightning.visualize --untrained --mnist-index 7 --layers 'conv*'\n"
-            "  python -m fm_lightning.visualize --ckpt last.ckpt --mnist-index 0 1 --compare"
+            "  python -m fm_lightning.visualize --ckpt last.ckpt --mnist-index 0 1 --compare\n"
+            "  python -m fm_lightning.visualize --ckpt last.ckpt --mnist-index 0 1 2 3 "
+            "--examples 9 --cam GradCAM --cam-layer conv2"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -473,12 +781,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt",
         metavar="PATH",
         help="checkpoint from `python train.py` (logs/<name>/version_<N>/checkpoints/*.ckpt) or "
-        "a SimpleCNN state_dict; loaded weights-only, so no code in it ever runs",
+        "the network's state_dict; loaded weights-only, so no code in it ever runs",
+    )
+    model.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"the run's {CONFIG_FILE}, whose model: section (class paths, any --model.net) "
+        "builds the network; default: the one in the checkpoint's run directory "
+        f"(logs/<name>/version_<N>/{CONFIG_FILE}), else SimpleCNN. With --untrained: draw that "
+        "network freshly initialised",
     )
     model.add_argument(
         "--untrained",
         action="store_true",
-        help="draw a freshly initialised SimpleCNN instead of a checkpoint (seeded by --seed)",
+        help="draw a freshly initialised network (SimpleCNN, or --config's) instead of a "
+        "checkpoint (seeded by --seed)",
     )
     model.add_argument(
         "--compare",
@@ -496,7 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         nargs="+",
         metavar="FILE",
-        help="image files (28x28 grayscale, light digit on black, like MNIST); other colour modes "
+        help="image files (28x28 grayscale, light digit on black, like MNIST: the input of "
+        "networks trained by train.py); other colour modes "
         "are converted with a note, other sizes refused unless --resize",
     )
     which.add_argument(
@@ -525,10 +843,10 @@ def build_parser() -> argparse.ArgumentParser:
     drawing.add_argument(
         "--layers",
         nargs="+",
-        default=["conv1", "conv2"],
         metavar="NAME",
-        help="SimpleCNN layers, names or glob patterns: conv1, pool, conv2, fc1, fc2, fc3, "
-        "'conv*' (default: conv1 conv2)",
+        help="layers, names or glob patterns as FeatureMapCallback takes them: SimpleCNN's are "
+        "conv1, pool, conv2, fc1, fc2, fc3; 'conv*', 'layer1.*' (default: the layers of the "
+        "run's FeatureMapCallback in its config.yaml, else conv1 conv2)",
     )
     drawing.add_argument(
         "--max-channels",
@@ -551,6 +869,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="index",
         help="index: the first channels; activation: the most active first (default: index)",
     )
+    extra = parser.add_argument_group("what each channel responds to, where the model looks")
+    extra.add_argument(
+        "--examples",
+        type=_positive_int,
+        metavar="K",
+        help="also draw each drawn channel's top K inputs of the MNIST test set (10,000 images, "
+        "from --data-dir), cropped to its receptive field, as FeatureMapCallback(examples=K) "
+        "does over validation: <layer>/examples/trained.png",
+    )
+    extra.add_argument(
+        "--cam",
+        type=_cam_method,
+        metavar="METHOD",
+        help=f"also draw class-activation maps of the inputs (torchcam: {', '.join(CAM_METHODS)}) "
+        "for the predicted class and, for --mnist-index, the true one: cam/trained.png",
+    )
+    extra.add_argument(
+        "--cam-layer",
+        metavar="NAME",
+        help="the layer --cam takes its maps at, a name or pattern matching one module (default: "
+        "the run's cam_layer in its config.yaml, else torchcam's choice, the last layer with "
+        "spatial maps)",
+    )
     parser.add_argument(
         "--out",
         default="logs/visualize",
@@ -565,6 +906,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
+
+
+def _cam_method(name: str) -> str:
+    try:
+        return check_cam_method(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _colormap(name: str) -> str:
@@ -587,6 +935,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--compare needs --ckpt PATH: the trained side of the comparison")
     if not (args.ckpt or args.untrained):
         parser.error("pass --ckpt PATH (a trained checkpoint) or --untrained")
+    if args.cam_layer is not None and args.cam is None:
+        parser.error("--cam-layer needs --cam METHOD, e.g. --cam GradCAM")
     try:
         run(args)
     except VisualizeError as err:
@@ -595,10 +945,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@dataclass
+class _Networks:
+    """The networks to draw, by variant ("untrained" first), and what they are."""
+
+    variants: dict[str, nn.Module]
+    what: str  # e.g. "SimpleCNN", "ImageClassifier(net=...) from logs/.../config.yaml"
+    mean: float  # the inputs' normalisation, as in training
+    std: float
+    config: RunConfig | None
+
+
+def _networks(args: argparse.Namespace) -> _Networks:
+    """Builds (from the run's config.yaml, or SimpleCNN) and loads the networks to draw."""
+    config_path = args.config or (find_config(args.ckpt) if args.ckpt else None)
+    config = read_config(config_path) if config_path else None
+    variants: dict[str, nn.Module] = {}
+    mean, std = MNIST_MEAN, MNIST_STD
+    if config is None:
+        what, ckpt = "SimpleCNN", {}
+        if args.ckpt:
+            trained, ckpt = load_checkpoint(args.ckpt)
+            if args.compare:
+                variants["untrained"] = untrained_model(args.seed, trained.fc3.out_features)
+            variants["trained"] = trained
+        else:
+            variants["untrained"] = untrained_model(args.seed)
+    else:
+        model, data = model_from_config(config, seed=args.seed if not args.ckpt else None)
+        what, ckpt = _described(model, config), {}
+        mean, std = float(data.hparams.mean), float(data.hparams.std)
+        if args.ckpt:
+            trained, ckpt = load_checkpoint(args.ckpt, model, built_from=what)
+            if args.compare:
+                variants["untrained"] = model_from_config(config, seed=args.seed)[0]
+            variants["trained"] = trained
+        else:
+            variants["untrained"] = model
+        _check_takes_mnist(model, what)
+    hp = ckpt.get("datamodule_hyper_parameters")  # the data module's arguments, when recorded
+    if (
+        isinstance(hp, Mapping)
+        and all(
+            isinstance(hp.get(k), (int, float)) and not isinstance(hp.get(k), bool)
+            for k in ("mean", "std")
+        )
+        and hp["std"] > 0
+    ):
+        mean, std = float(hp["mean"]), float(hp["std"])
+    return _Networks(variants, what, mean, std, config)
+
+
 def run(args: argparse.Namespace) -> None:
     """Does the work of :func:`main` with parsed, consistent arguments."""
-    try:  # fail on a bad layer name before loading anything
-        resolve_layers(SimpleCNN(), args.layers)
+    nets = _networks(args)
+    run_config = nets.config
+    args.layers = args.layers or (run_config and run_config.layers) or ["conv1", "conv2"]
+    if args.cam and args.cam_layer is None and run_config is not None:
+        args.cam_layer = run_config.cam_layer
+    model = next(iter(nets.variants.values()))
+    try:  # fail on a bad layer name before drawing anything
+        resolve_layers(model, args.layers)
     except ValueError as err:
         raise VisualizeError(str(err)) from None
     try:  # and on a damaged stats.json in --out, which the gallery page would read
@@ -611,26 +1018,7 @@ def run(args: argparse.Namespace) -> None:
             "it, or pass another --out."
         ) from None
 
-    models: dict[str, nn.Module] = {}  # variant -> model, untrained first
-    mean, std = MNIST_MEAN, MNIST_STD
-    if args.ckpt:
-        trained, ckpt = load_checkpoint(args.ckpt)
-        hp = ckpt.get("datamodule_hyper_parameters")
-        if (
-            isinstance(hp, Mapping)
-            and all(
-                isinstance(hp.get(k), (int, float)) and not isinstance(hp.get(k), bool)
-                for k in ("mean", "std")
-            )
-            and hp["std"] > 0
-        ):
-            mean, std = float(hp["mean"]), float(hp["std"])
-        if args.compare:
-            models["untrained"] = untrained_model(args.seed, trained.fc3.out_features)
-        models["trained"] = trained
-    else:
-        models["untrained"] = untrained_model(args.seed)
-
+    targets = None
     if args.image:
         pixels = [load_image(p, resize=args.resize, invert=args.invert) for p in args.image]
         images = torch.from_numpy(np.stack(pixels)).unsqueeze(1)  # (N, 1, 28, 28) uint8
@@ -638,28 +1026,59 @@ def run(args: argparse.Namespace) -> None:
     else:
         images, labels = load_mnist_test(args.data_dir, args.mnist_index)
         names = [f"#{i} (label {y})" for i, y in zip(args.mnist_index, labels, strict=True)]
-    x = MNISTDataModule(args.data_dir, mean=mean, std=std).normalize(images)
+        targets = torch.tensor(labels)  # (N,) true classes, for the CAM's second column
+    normalize = MNISTDataModule(args.data_dir, mean=nets.mean, std=nets.std).normalize
+    x = normalize(images)  # (N, 1, 28, 28) float32, as in training
+    # (10000, 1, 28, 28) float32 (31 MB): the inputs --examples ranks
+    test_x = normalize(mnist_test_set(args.data_dir)[0]) if args.examples else None
 
+    pictures, lines = _draw(args, nets, x, targets, test_x)
+    source = "MNIST test " + ", ".join(names) if args.mnist_index else ", ".join(names)
     out = Path(args.out)
     try:
-        _write(args, models, x, names, out)
+        what = _labels(args)
+        title = f"Feature maps: {' vs '.join(what[v] for v in nets.variants)}; inputs: {source}"
+        written, index = _write(pictures, out, title)
     except OSError as err:
         raise VisualizeError(f"cannot write to {out}: {err}") from None
 
+    print(f"model:   {nets.what}")
+    print(f"inputs:  {source}")
+    for line in lines:
+        print(line)
+    print(f"wrote {len(written)} images to {out}/:")
+    for path in written:
+        print(f"  {path.relative_to(out)}")
+    print(f"open:    {index}")
 
-def _write(
-    args: argparse.Namespace, models: dict[str, nn.Module], x: Tensor, names: list[str], out: Path
-) -> None:
-    """Draws every layer for every model into ``out`` and prints what was written."""
-    written = [save_png(rendering.image_grid(x), out / "probe_inputs.png")]
+
+def _labels(args: argparse.Namespace) -> dict[str, str]:
+    trained = f"trained ({Path(args.ckpt).name})" if args.ckpt else ""
+    return {"untrained": f"untrained (seed {args.seed})", "trained": trained}
+
+
+def _draw(
+    args: argparse.Namespace,
+    nets: _Networks,
+    x: Tensor,
+    targets: Tensor | None,
+    test_x: Tensor | None,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every picture, by its path under --out, and the lines that tell what they show.
+
+    Everything is drawn before anything is written, so a user error (a CAM layer without
+    spatial maps, say) leaves --out as it was; the CAM is drawn before the examples' sweep.
+    """
+    pictures = {PROBE_FILE: rendering.image_grid(x).numpy()}
+    lines: list[str] = []
+    what = _labels(args)
     grids: dict[str, dict[str, np.ndarray]] = {}  # layer -> variant -> grid
-    predictions: dict[str, str] = {}
-    for variant, model in models.items():
+    for variant, model in nets.variants.items():
         modules = resolve_layers(model, args.layers)
         captured, logits = capture(
             model, x, modules, max_channels=args.max_channels, order=args.order, stats=False
         )
-        predictions[variant] = _predictions(logits)
+        lines.append(f"{what[variant]} predicts: {_predictions(logits)}")
         for layer, cap in captured.items():
             if cap.error is not None:
                 _note(f"{layer} is not drawn: {cap.error}")
@@ -673,38 +1092,64 @@ def _write(
                 channels=cap.channels,
             ).numpy()
             grids.setdefault(layer, {})[variant] = grid
-            written.append(save_png(grid, out / safe_path_part(layer) / f"{variant}.png"))
-    dirs = {safe_path_part(layer) for layer in grids}
-    for name in dirs:  # a frame left from an earlier run would show in the gallery's slider
-        for stale in {"untrained", "trained"} - set(models):
-            (out / name / f"{stale}.png").unlink(missing_ok=True)
-    others = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in dirs)
-    if others:
-        _note(f"{out} also holds {', '.join(others)} from before; the gallery shows them too")
-
-    trained_label = f"trained ({Path(args.ckpt).name})" if args.ckpt else ""
-    untrained_label = f"untrained (seed {args.seed})"
+            pictures[f"{safe_path_part(layer)}/{variant}.png"] = grid
+        if args.cam:
+            try:
+                grid, caption = cam_picture(model, x, args.cam, args.cam_layer, targets, args.cmap)
+            except ValueError as err:
+                at = f" at --cam-layer {args.cam_layer}" if args.cam_layer else ""
+                raise VisualizeError(
+                    f"--cam {args.cam}{at}: {err}. Pass a --cam-layer with (N, C, h, w) maps, "
+                    "such as a conv layer or block."
+                ) from None
+            pictures[f"{CAM_DIR}/{variant}.png"] = grid.numpy()
+            lines.append(f"{what[variant]} {caption}")
+        if test_x is not None:
+            # The channels the grids draw, as the callback keeps examples for its maps' channels.
+            drawn = {key: c.channels for key, c in captured.items() if c.channels is not None}
+            results, errors = top_examples(
+                model, modules, test_x, args.examples, args.max_channels, drawn
+            )
+            for layer, error in errors.items():
+                _note(f"{layer} has no examples: {error}")
+            for layer, result in results.items():
+                path = f"{safe_path_part(layer)}/{EXAMPLES_DIR}/{variant}.png"
+                pictures[path] = examples_grid(result, cmap=args.cmap).numpy()
+                dead = result.dead.nonzero().flatten().tolist()
+                lines.append(
+                    f"{what[variant]} {layer}: top {args.examples} MNIST test inputs of "
+                    f"channels {_span(result.channels.tolist())}, cropped to the receptive field;"
+                    f" dead over the test set: {_span(dead) or 'none'}"
+                )
     if args.compare:
         for layer, by_variant in grids.items():
-            panels = [
-                (f"{layer}: {untrained_label}", by_variant["untrained"]),
-                (f"{layer}: {trained_label}", by_variant["trained"]),
-            ]
-            path = out / f"compare_{safe_path_part(layer)}.png"
-            written.append(save_png(side_by_side(panels), path))
+            panels = [(f"{layer}: {what[v]}", by_variant[v]) for v in ("untrained", "trained")]
+            pictures[f"compare_{safe_path_part(layer)}.png"] = side_by_side(panels)
+    return pictures, lines
 
-    source = "MNIST test " + ", ".join(names) if args.mnist_index else ", ".join(names)
-    what = {"untrained": untrained_label, "trained": trained_label}
-    title = f"Feature maps: {' vs '.join(what[v] for v in models)}; inputs: {source}"
-    index = write_index(out, title=title)
 
-    print(f"inputs:  {source}")
-    for variant in models:
-        print(f"{what[variant]} predicts: {predictions[variant]}")
-    print(f"wrote {len(written)} images to {out}/:")
-    for path in written:
-        print(f"  {path.relative_to(out)}")
-    print(f"open:    {index}")
+def _span(channels: list[int]) -> str:
+    """``0-15`` for consecutive channels, else ``3, 7, 9``."""
+    if len(channels) > 2 and channels == list(range(channels[0], channels[-1] + 1)):
+        return f"{channels[0]}-{channels[-1]}"
+    return ", ".join(map(str, channels))
+
+
+def _write(pictures: dict[str, np.ndarray], out: Path, title: str) -> tuple[list[Path], Path]:
+    """Writes the pictures and the gallery page; returns the PNGs written and the page."""
+    written = [save_png(img, out / rel) for rel, img in pictures.items()]
+    # A frame this run did not draw (an earlier --compare's untrained side, an earlier
+    # checkpoint's examples or CAM) would show in the gallery as if it belonged to this one.
+    drawn = {rel.split("/", 1)[0] for rel in pictures if "/" in rel}
+    for folder in drawn:
+        for sub in ("", f"{EXAMPLES_DIR}/"):
+            for stale in ("untrained", "trained"):
+                if f"{folder}/{sub}{stale}.png" not in pictures:
+                    (out / folder / f"{sub}{stale}.png").unlink(missing_ok=True)
+    others = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in drawn)
+    if others:
+        _note(f"{out} also holds {', '.join(others)} from before; the gallery shows them too")
+    return written, write_index(out, title=title)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,31 @@ import pickle
 import subprocess
 import sys
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
+import timm
 import torch
+import yaml
 from conftest import REPO, random_loader, tiny_trainer
 from PIL import Image, ImageDraw, ImageFilter
 
-from fm_lightning import ImageClassifier, SimpleCNN
-from fm_lightning.visualize import main
+from fm_lightning import ImageClassifier, MNISTDataModule, SimpleCNN
+from fm_lightning.capture import resolve_layers
+from fm_lightning.cli import main as train_main
+from fm_lightning.data import load_mnist
+from fm_lightning.examples import examples_grid
+from fm_lightning.visualize import main, top_examples
+
+# A real timm network as train.py takes it: `--model.net` a function class path, keyword
+# arguments it passes through **kwargs as jsonargparse's dict_kwargs.
+TIMM_NET = {
+    "class_path": "timm.create_model",
+    "init_args": {"model_name": "test_resnet"},
+    "dict_kwargs": {"in_chans": 1, "num_classes": 10},
+}
+TIMM_CLASS = "ImageClassifier(net=timm.models.resnet.ResNet)"
 
 # SimpleCNN grids for 2 images, as rendering.feature_grid draws them (1 px separators):
 # conv1: 16 channels of 24x24; conv2: 32 channels of 8x8, enlarged to 16x16.
@@ -46,6 +62,60 @@ def ckpt(tmp_path_factory) -> str:
     trainer.fit(model, train_dataloaders=random_loader(), val_dataloaders=random_loader(seed=1))
     path = tmp / "model.ckpt"
     trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def timm_run(tmp_path_factory, mnist_dir) -> dict[str, str]:
+    """A real `python train.py` run (fm_lightning.cli.main) of a timm ResNet on MNIST, a few
+    batches long: its checkpoint under checkpoints/ and the config.yaml LightningCLI saved."""
+    tmp = tmp_path_factory.mktemp("timm_run")
+    overrides = {
+        "trainer": {
+            "max_epochs": 1,
+            "limit_train_batches": 4,
+            "limit_val_batches": 2,  # not 1: the CLI reads it as the float 1.0, all batches
+            "limit_test_batches": 2,
+            "log_every_n_steps": 2,
+            "num_sanity_val_steps": 0,
+            "deterministic": False,  # a process-wide torch setting; the other tests run after
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": [
+                {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(tmp / "logs"), "name": "timm"},
+                }
+            ],
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"filename": "last"},
+                },
+                {
+                    "class_path": "fm_lightning.FeatureMapCallback",
+                    "init_args": {"layers": ["layer1", "layer2"], "cam": "GradCAM"},
+                },
+            ],
+        },
+        "model": {"net": TIMM_NET},
+        "data": {"data_dir": mnist_dir, "batch_size": 16},
+    }
+    config = tmp / "timm.yaml"
+    config.write_text(yaml.safe_dump(overrides))
+    # as `python train.py --config debug.yaml --config timm.yaml` would (pytest's own argv aside)
+    with torch.random.fork_rng(devices=[]), mock.patch.object(sys, "argv", ["train.py"]):
+        train_main(["--config", str(REPO / "configs" / "debug.yaml"), "--config", str(config)])
+    run = tmp / "logs" / "timm" / "version_0"
+    assert (run / "config.yaml").is_file()
+    return {"ckpt": str(run / "checkpoints" / "last.ckpt"), "config": str(run / "config.yaml")}
+
+
+def _config(path, net: dict, **callback) -> str:
+    """A config.yaml as train.py saves it: model, data and a FeatureMapCallback's arguments."""
+    cb = {"class_path": "fm_lightning.FeatureMapCallback", "init_args": callback}
+    text = {"trainer": {"callbacks": [cb]}, "model": {"net": net}, "data": {"batch_size": 8}}
+    path.write_text(yaml.safe_dump(text))
     return str(path)
 
 
@@ -82,6 +152,19 @@ def _error(capsys, argv) -> str:
     assert err.startswith("error: ") or "\nerror: " in err
     assert "Traceback" not in err
     return err
+
+
+def _one_error(capsys, argv) -> str:
+    """Exit status 2 and exactly one line on stderr, ``error: ...``, whoever found the problem
+    (argparse or the visualizer)."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_info:
+        status = exit_info.code
+    captured = capsys.readouterr()
+    assert status == 2, captured.err
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    return captured.err
 
 
 # ----------------------------------------------------------------------------- what it draws
@@ -475,5 +558,255 @@ def test_help_runs_as_a_module():
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    for flag in ("--ckpt", "--untrained", "--compare", "--image", "--mnist-index", "--resize"):
+    flags = ["--ckpt", "--config", "--untrained", "--compare", "--image", "--mnist-index"]
+    for flag in [*flags, "--resize", "--examples", "--cam", "--cam-layer"]:
         assert flag in result.stdout
+
+
+# ----------------------------------------------------------------------------- run configs
+
+
+def _mnist_test_x(mnist_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10,000 MNIST test images as the model sees them (default mean and std), and labels."""
+    images, labels = load_mnist(MNISTDataModule(mnist_dir).raw_dir, "test")
+    return MNISTDataModule(mnist_dir).normalize(images), labels
+
+
+@pytest.mark.slow
+def test_run_config_rebuilds_a_timm_net(timm_run, mnist_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--ckpt", timm_run["ckpt"], "--mnist-index", "0", "1", "--data-dir", mnist_dir]
+    assert main([*argv, "--compare", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"model:   {TIMM_CLASS} from {timm_run['config']}" in stdout
+    # the layers of the run's FeatureMapCallback, as it named them
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["layer1", "layer2"]
+    for layer in ("layer1", "layer2"):
+        trained, untrained = _png(out / layer / "trained.png"), _png(out / layer / "untrained.png")
+        assert trained.std() > 0 and trained.shape == untrained.shape
+        assert np.abs(trained - untrained).mean() > 1
+    index = (out / "index.html").read_text()
+    assert "layer1/trained.png" in index and "layer2/untrained.png" in index
+
+    # the checkpoint's weights, in the network timm builds: the same predictions
+    net = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+    state = torch.load(timm_run["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+    x, _ = _mnist_test_x(mnist_dir)
+    with torch.no_grad():
+        probs = net(x[:2]).softmax(dim=1)
+    expected = " ".join(f"{p} ({c:.0%})" for c, p in zip(*probs.max(dim=1), strict=True))
+    assert f"trained (last.ckpt) predicts: {expected}\n" in stdout
+
+
+@pytest.mark.slow
+def test_cam_of_a_timm_net_at_the_runs_cam_layer_or_another(timm_run, mnist_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--ckpt", timm_run["ckpt"], "--mnist-index", "0", "1", "--data-dir", mnist_dir]
+    assert main([*argv, "--cam", "GradCAM", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    # torchcam's choice (the run's callback names no cam_layer): the last layer with spatial
+    # maps, layer3 (2x2) for 28x28 inputs, as layer4's are 1x1
+    assert "trained (last.ckpt) GradCAM on net.layer3" in stdout
+    assert "1: pred " in stdout and ", true 7" in stdout and ", true 2" in stdout
+    cam = _png(out / "cam" / "trained.png")
+    # rows: 2 images; columns: input, predicted class, true class; 28 px tiles drawn 84 px
+    assert cam.shape == (2 * 84 + 3 * 2, 3 * 84 + 4 * 2, 3)
+    assert cam[:, 86:172].std() > 0  # the predicted-class overlay is not blank
+    assert "cam/trained.png" in (out / "index.html").read_text()
+
+    argv = [*argv, "--cam", "LayerCAM", "--cam-layer", "layer1", "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    assert "LayerCAM on net.layer1" in capsys.readouterr().out
+    assert not np.array_equal(_png(tmp_path / "b" / "cam" / "trained.png"), cam)
+
+
+@pytest.mark.slow
+def test_top_examples_of_a_timm_layer_are_its_strongest_inputs(timm_run, mnist_dir):
+    model = ImageClassifier(timm.create_model("test_resnet", in_chans=1, num_classes=10))
+    state = torch.load(timm_run["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict(state)
+    model.eval()
+    x, _ = _mnist_test_x(mnist_dir)
+    x = x[:96]
+    modules = resolve_layers(model, ["layer2"])
+    results, errors = top_examples(model, modules, x, k=4, max_channels=6, batch_size=40)
+    assert errors == {}
+    result = results["layer2"]
+    with torch.no_grad():  # the truth: each channel's maximum per image, strongest first
+        best = (
+            model.net.layer2(
+                model.net.layer1(
+                    model.net.maxpool(model.net.act1(model.net.bn1(model.net.conv1(x))))
+                )
+            )
+            .amax(dim=(2, 3))[:, :6]
+            .T
+        )  # (6, 96)
+    order = np.lexsort((np.arange(96)[None].repeat(6, 0), -best.numpy()), axis=1)[:, :4]
+    assert result.indices.tolist() == order.tolist()
+    torch.testing.assert_close(result.scores, best.gather(1, torch.from_numpy(order)))
+    assert examples_grid(result).float().std() > 0
+
+
+@pytest.mark.slow
+def test_examples_over_the_mnist_test_set(ckpt, mnist_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--ckpt", ckpt, "--mnist-index", "0", "1", "--data-dir", mnist_dir, "--compare"]
+    assert main([*argv, "--examples", "3", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "trained (model.ckpt) conv1: top 3 MNIST test inputs of channels 0-15" in stdout
+    index = (out / "index.html").read_text()
+    for layer in ("conv1", "conv2"):
+        for variant in ("trained", "untrained"):
+            assert _png(out / layer / "examples" / f"{variant}.png").std() > 0
+            assert f"{layer}/examples/{variant}.png" in index
+    trained = _png(out / "conv2" / "examples" / "trained.png")
+    assert not np.array_equal(trained, _png(out / "conv2" / "examples" / "untrained.png"))
+
+    # they are the test set's strongest inputs for each channel (ties: the smaller index)
+    model = SimpleCNN()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+    model.eval()
+    x, _ = _mnist_test_x(mnist_dir)
+    results, _ = top_examples(model, {"conv2": model.conv2}, x, k=3, max_channels=32)
+    with torch.no_grad():
+        best = torch.cat(
+            [model.conv2(model.pool(model.conv1(b).relu())).amax(dim=(2, 3)) for b in x.split(500)]
+        ).T  # (32, 10000)
+    order = np.lexsort((np.arange(10_000)[None].repeat(32, 0), -best.numpy()), axis=1)[:, :3]
+    assert results["conv2"].indices.tolist() == order.tolist()
+    # and the picture the command wrote is that result, drawn as the callback draws it
+    assert np.array_equal(examples_grid(results["conv2"], cmap="viridis").numpy(), trained)
+
+    # drawn again without --examples: the old examples are not left to pass for the new run's
+    assert main([*argv[:-1], "--out", str(out)]) == 0
+    assert not (out / "conv2" / "examples" / "trained.png").exists()
+    assert "conv2/examples/trained.png" not in (out / "index.html").read_text()
+
+
+def test_cam_of_files_and_its_layer(ckpt, digits, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--ckpt", ckpt, "--image", *digits, "--compare", "--out", str(out)]
+    assert main([*argv, "--cam", "GradCAMpp", "--cam-layer", "conv2"]) == 0
+    stdout = capsys.readouterr().out
+    assert "trained (model.ckpt) GradCAMpp on conv2; columns: input, predicted. 1: pred" in stdout
+    trained, untrained = _png(out / "cam" / "trained.png"), _png(out / "cam" / "untrained.png")
+    assert trained.shape == (2 * 84 + 3 * 2, 2 * 84 + 3 * 2, 3)  # no true class for files
+    assert trained[:, 86:].std() > 0 and not np.array_equal(trained, untrained)
+    index = (out / "index.html").read_text()
+    assert "cam/trained.png" in index and "cam/untrained.png" in index
+
+
+def test_untrained_net_from_a_config(digits, tmp_path, capsys):
+    config = _config(tmp_path / "config.yaml", TIMM_NET, layers=["layer1", "layer3"])
+    out = tmp_path / "out"
+    assert main(["--untrained", "--config", config, "--image", *digits, "--out", str(out)]) == 0
+    assert f"model:   {TIMM_CLASS} from {config}" in capsys.readouterr().out
+    for layer in ("layer1", "layer3"):  # the config's FeatureMapCallback layers
+        assert _png(out / layer / "untrained.png").std() > 0
+    again = tmp_path / "again"
+    argv = ["--untrained", "--config", config, "--image", *digits, "--layers", "layer1"]
+    assert main([*argv, "--out", str(again)]) == 0  # --seed 0 both times: the same weights
+    assert (again / "layer1" / "untrained.png").read_bytes() == (
+        out / "layer1" / "untrained.png"
+    ).read_bytes()
+    assert main([*argv, "--seed", "1", "--out", str(tmp_path / "seed1")]) == 0
+    assert (tmp_path / "seed1" / "layer1" / "untrained.png").read_bytes() != (
+        out / "layer1" / "untrained.png"
+    ).read_bytes()
+
+
+def test_config_is_found_in_the_run_directory(ckpt, digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    moved = run / "checkpoints" / "last.ckpt"
+    moved.write_bytes(open(ckpt, "rb").read())
+    argv = ["--ckpt", str(moved), "--image", *digits, "--out", str(tmp_path / "out")]
+    assert main(argv) == 0  # no config.yaml: SimpleCNN, as before
+    assert "model:   SimpleCNN\n" in capsys.readouterr().out
+
+    config = _config(run / "config.yaml", {"class_path": "fm_lightning.SimpleCNN"})
+    assert main(argv) == 0
+    expected = f"model:   ImageClassifier(net=fm_lightning.models.SimpleCNN) from {config}"
+    assert expected in capsys.readouterr().out
+
+    _config(run / "config.yaml", TIMM_NET)  # the run's config wins over SimpleCNN
+    err = _one_error(capsys, argv)
+    assert f"does not fit {TIMM_CLASS} from {config}" in err
+    assert "Pass --config with the config.yaml of the run that wrote this checkpoint" in err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--cam", "GradCam"], "expected a CAM method, one of GradCAM,"),
+        (["--cam", "GradCAM", "--cam-layer", "cnv2"], "'cnv2' matches nothing"),
+        (["--cam", "GradCAM", "--cam-layer", "conv*"], "to match one module, got 2: conv1, conv2"),
+        (["--cam", "GradCAM", "--cam-layer", "fc1"], "expected layer 'fc1' to output (N, C, h, w)"),
+        (["--cam-layer", "conv2"], "--cam-layer needs --cam METHOD"),
+        (["--examples", "0"], "expected an integer >= 1, got 0"),
+    ],
+    ids=["method", "layer", "two-layers", "flat-layer", "no-cam", "examples"],
+)
+def test_bad_cam_and_examples_arguments(args, expected, digits, tmp_path, capsys):
+    out = tmp_path / "out"
+    err = _one_error(capsys, ["--untrained", "--image", *digits, *args, "--out", str(out)])
+    assert expected in err
+    assert not out.exists()  # nothing drawn before the problem was found
+
+
+def test_bad_configs(ckpt, digits, tmp_path, capsys):
+    base = ["--image", *digits, "--out", str(tmp_path / "out")]
+    missing = tmp_path / "nope.yaml"
+    for model in (["--untrained"], ["--ckpt", ckpt]):
+        err = _one_error(capsys, [*model, "--config", str(missing), *base])
+        assert f"config not found: {missing}" in err and "version_<N>/config.yaml" in err
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [net\n")
+    assert "is not valid YAML" in _one_error(
+        capsys, ["--untrained", "--config", str(broken), *base]
+    )
+    broken.write_text("trainer: {}\n")
+    assert "has no model: section" in _one_error(
+        capsys, ["--untrained", "--config", str(broken), *base]
+    )
+    config = _config(tmp_path / "c.yaml", {"class_path": "fm_lightning.NoSuchNet"})
+    err = _one_error(capsys, ["--untrained", "--config", config, *base])
+    assert f"cannot build the model of {config}" in err and "fm_lightning.NoSuchNet" in err
+    config = _config(
+        tmp_path / "c.yaml", {"class_path": "fm_lightning.SimpleCNN", "init_args": {"num_class": 3}}
+    )
+    err = _one_error(capsys, ["--untrained", "--config", config, *base])
+    assert "num_class" in err
+
+    # a real torchvision ResNet-18 (a function class path) takes 3-channel images, not MNIST's
+    net = {"class_path": "torchvision.models.resnet18", "init_args": {"num_classes": 10}}
+    err = _one_error(capsys, ["--untrained", "--config", _config(tmp_path / "r.yaml", net), *base])
+    assert "ImageClassifier(net=torchvision.models.resnet.ResNet)" in err
+    assert "does not take MNIST's 1x28x28 images" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_as_a_process(timm_run, mnist_dir, tmp_path):
+    """The real command: exit 0 and nothing on stderr, or one error line and exit 2."""
+    argv = [sys.executable, "-m", "fm_lightning.visualize", "--ckpt", timm_run["ckpt"]]
+    argv += ["--mnist-index", "3", "--data-dir", mnist_dir, "--cam", "GradCAM"]
+    ok = subprocess.run(
+        [*argv, "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    assert _png(tmp_path / "out" / "cam" / "trained.png").std() > 0
+    bad = subprocess.run(
+        [*argv, "--cam-layer", "fc", "--out", str(tmp_path / "bad")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("error: --cam GradCAM at --cam-layer fc: ")
+    assert bad.stderr.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
