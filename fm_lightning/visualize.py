@@ -73,6 +73,7 @@ which must not stop, moves it aside instead).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import io
 import os
@@ -83,7 +84,6 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -339,7 +339,7 @@ def untrained_model(seed: int, num_classes: int = 10) -> SimpleCNN:
 # A run's config.yaml
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The parts of a ``python train.py`` run's ``config.yaml`` that the visualizer uses."""
 
@@ -724,13 +724,15 @@ def cam_picture(
                 f"expected --cam-layer {layer!r} to match one module, got {len(found)}: "
                 f"{', '.join(found)}; name one of them"
             )
-        (module,) = found.values()
+        ((key, module),) = found.items()
         name = next(n for n, m in model.named_modules() if m is module)
 
         def reshape(t: Tensor) -> Tensor:
             return interpret(t, module=module, model=model, num_rows=len(x)).act
 
     result = class_activation_maps(model, x, method, layer=name, targets=targets, reshape=reshape)
+    if layer is not None:  # named as the user named it (conv2, not net.conv2), as the callback does
+        result = dataclasses.replace(result, layer=key)
     return cam_grid(x.float(), result, cmap=cmap), cam_caption(result)
 
 
@@ -945,7 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-@dataclass
+@dataclasses.dataclass
 class _Networks:
     """The networks to draw, by variant ("untrained" first), and what they are."""
 

@@ -617,7 +617,7 @@ def test_cam_of_a_timm_net_at_the_runs_cam_layer_or_another(timm_run, mnist_dir,
 
     argv = [*argv, "--cam", "LayerCAM", "--cam-layer", "layer1", "--out", str(tmp_path / "b")]
     assert main(argv) == 0
-    assert "LayerCAM on net.layer1" in capsys.readouterr().out
+    assert "LayerCAM on layer1;" in capsys.readouterr().out  # named as --cam-layer named it
     assert not np.array_equal(_png(tmp_path / "b" / "cam" / "trained.png"), cam)
 
 
