@@ -1,0 +1,319 @@
+"""What do top-k examples cost: FeatureMapCallback(examples=9) against examples=0.
+
+    python benchmarks/examples_overhead.py                   # ~5 min on a 2-core CPU
+    python benchmarks/examples_overhead.py --repeats 12 --train-batches 300 --device cpu
+
+The default run's callback (configs/default.yaml): SimpleCNN on MNIST, batches of 64, layers
+conv1 and conv2, num_images 8; the only difference between the contenders is ``examples``.
+
+Targets (issue 9):
+    1. validation loop time with examples=9 within 10% of examples=0: the seconds from
+       on_validation_start to the end of the callback's on_validation_end (its gather, render
+       and publish included), summed over the fit's validations (full: 5,000 images, 79
+       batches, none from the sanity check). Contenders alternate, order flipping every round;
+       the verdict uses the median of the per-round ratios.
+    2. fit time with examples=9 within 2% of examples=0, from the same fits.
+    3. the top-k state's bytes, read from the streams of those fits, against the bound
+       layers x drawn channels x k x (crop + overlay pixels ...): nothing grows with the
+       validation set.
+    4. process RSS flat over 30 captured epochs (tiny epochs: 2 training and 4 validation
+       batches), read after gc.collect() at the end of each validation: its growth after a
+       warm-up with examples=9 no larger than the span of the same run with examples=0.
+
+Where the time goes is measured directly too: the seconds spent in the examples' own code
+(the per-batch hook: reading maps and TopKExamples.update; the receptive field; the merge; the
+grid), per fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+
+import common
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+import fm_lightning.callbacks
+import fm_lightning.examples
+from fm_lightning import FeatureMapCallback, ImageClassifier, MNISTDataModule, SimpleCNN
+from fm_lightning.examples import ExampleStream, TopKExamples
+
+# -----------------------------------------------------------------------------
+# config
+
+parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+parser.add_argument("--repeats", type=int, default=8, help="examples=9 / examples=0 fit pairs")
+parser.add_argument("--train-batches", type=int, default=300, help="training batches per epoch")
+parser.add_argument("--epochs", type=int, default=2)
+parser.add_argument("--examples", type=int, default=9, help="k of the contender with examples")
+parser.add_argument("--captures", type=int, default=30, help="captured epochs in the RSS check")
+parser.add_argument("--warmup", type=int, default=5, help="captured epochs before RSS is judged")
+parser.add_argument("--seed", type=int, default=42)
+args = parser.parse_args()
+
+device = common.pick_device(args.device)
+common.quiet_lightning()
+common.print_env(device)
+
+LAYERS = ["conv1", "conv2"]
+NUM_IMAGES = 8
+dm = MNISTDataModule(args.data_dir, batch_size=64, seed=args.seed)
+dm.prepare_data()
+dm.setup("fit")  # every fit below reuses these in-memory splits
+
+
+def new_callback(examples: int) -> FeatureMapCallback:
+    return FeatureMapCallback(layers=LAYERS, num_images=NUM_IMAGES, examples=examples)
+
+
+def new_model() -> ImageClassifier:
+    torch.manual_seed(args.seed)
+    return ImageClassifier(SimpleCNN())
+
+
+class ValidationClock(pl.Callback):
+    """Seconds of every validation run but the sanity check, from the first callback's
+    on_validation_start to the last callback's on_validation_end: put one first and one last."""
+
+    def __init__(self, seconds: list[float], starts: bool):
+        self.seconds, self.starts = seconds, starts
+
+    def on_validation_start(self, trainer, pl_module):
+        if self.starts and not trainer.sanity_checking:
+            common.sync(device)
+            self.seconds.append(-time.perf_counter())
+
+    def on_validation_end(self, trainer, pl_module):
+        if not self.starts and not trainer.sanity_checking:
+            common.sync(device)
+            self.seconds[-1] += time.perf_counter()
+
+
+# -----------------------------------------------------------------------------
+# instrumentation: seconds inside the examples' own code, and the top-k state's bytes
+
+spent: dict[str, float] = {}  # part -> seconds, for the fit being run
+state_bytes: list[dict[str, int]] = []  # {layer: TopKExamples.nbytes()} per gathered stream
+
+
+def _timed(owner, name: str, part: str) -> None:
+    real = owner.__dict__[name]
+    fn = real.__func__ if isinstance(real, staticmethod) else real
+
+    def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            spent[part] = spent.get(part, 0.0) + time.perf_counter() - t0
+
+    setattr(owner, name, staticmethod(wrapper) if isinstance(real, staticmethod) else wrapper)
+
+
+PARTS = {
+    "hook: maps": (ExampleStream, "_maps"),
+    "hook: TopKExamples.update": (TopKExamples, "update"),
+    "receptive_field": (fm_lightning.examples, "receptive_field"),
+    "merge": (TopKExamples, "merge"),
+    "examples_grid": (fm_lightning.callbacks, "examples_grid"),
+}
+for _part, (_owner, _name) in PARTS.items():
+    _timed(_owner, _name, _part)
+_real_states = ExampleStream.states
+
+
+def _recording_states(self: ExampleStream):
+    state_bytes.append({name: topk.nbytes() for name, topk in self.topk.items()})
+    return _real_states(self)
+
+
+ExampleStream.states = _recording_states
+
+# -----------------------------------------------------------------------------
+# 1 + 2. validation loop and fit time, examples=9 against examples=0
+
+print(
+    f"\n[1, 2] {args.epochs} epochs x {args.train_batches} train batches + full validation "
+    f"({len(dm.val_set)} images) per fit, examples={args.examples} vs examples=0, "
+    f"{args.repeats} rounds"
+)
+val_seconds: dict[str, list[float]] = {"examples": [], "off": []}  # summed per fit
+parts_per_fit: list[dict[str, float]] = []
+
+
+def fit_seconds(examples: int) -> float:
+    spent.clear()
+    seconds: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            max_epochs=args.epochs,
+            limit_train_batches=args.train_batches,
+            logger=CSVLogger(tmp),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator=device.type,
+            devices=1,
+            callbacks=[
+                ValidationClock(seconds, starts=True),
+                new_callback(examples),
+                ValidationClock(seconds, starts=False),
+            ],
+        )
+        model = new_model()
+        with common.Timer(device) as t:
+            trainer.fit(model, datamodule=dm)
+    assert len(seconds) == args.epochs, seconds
+    val_seconds["examples" if examples else "off"].append(sum(seconds))
+    if examples:
+        parts_per_fit.append(dict(spent))
+    return t.s
+
+
+fit_seconds(args.examples)  # untimed warm-up of both: imports, colormaps, the PNG encoder
+fit_seconds(0)
+for xs in (*val_seconds.values(), parts_per_fit, state_bytes):
+    xs.clear()
+fits = common.interleaved(
+    {"examples": lambda: fit_seconds(args.examples), "off": lambda: fit_seconds(0)},
+    args.repeats,
+)
+common.spread_warning(fits)
+val_ratios = common.ratios(val_seconds["examples"], val_seconds["off"])
+fit_ratios = common.ratios(fits["examples"], fits["off"])
+per_round_val = [a / b for a, b in zip(val_seconds["examples"], val_seconds["off"], strict=True)]
+per_round_fit = [a / b for a, b in zip(fits["examples"], fits["off"], strict=True)]
+
+
+def resolution(per_round: list[float]) -> float:
+    """Standard error of the median of the per-round ratios: how finely they can tell."""
+    return 1.2533 * statistics.stdev(per_round) / len(per_round) ** 0.5 if len(per_round) > 1 else 0
+
+
+print(f"  validation, examples={args.examples}  {common.fmt_s(val_seconds['examples'])}")
+print(f"  validation, examples=0   {common.fmt_s(val_seconds['off'])}")
+print(common.fmt_ratios("validation examples/off", val_ratios))
+print(f"  fit, examples={args.examples}         {common.fmt_s(fits['examples'])}")
+print(f"  fit, examples=0          {common.fmt_s(fits['off'])}")
+print(common.fmt_ratios("fit examples/off", fit_ratios))
+val_ratio, fit_ratio = val_ratios["per-round median"], fit_ratios["per-round median"]
+val_res, fit_res = resolution(per_round_val), resolution(per_round_fit)
+
+# Direct: the examples' own code, per fit (its wall-clock share cannot drown in noise).
+parts = {part: common.median([p.get(part, 0.0) for p in parts_per_fit]) for part in PARTS}
+direct = sum(parts.values())
+val_off = common.median(val_seconds["off"])
+print(
+    f"  inside the examples' code: median {direct * 1e3:.0f} ms per fit = "
+    f"{direct / val_off:.1%} of the validation time with examples=0 ("
+    + ", ".join(f"{part} {s * 1e3:.0f} ms" for part, s in parts.items())
+    + ")"
+)
+
+# -----------------------------------------------------------------------------
+# 3. the top-k state's bytes
+
+
+def bound(layer_bytes: dict[str, int]) -> dict[str, int]:
+    """Bytes the state may hold per layer: drawn channels x k x (crop + overlay + score,
+    index, position), + every channel's maximum; from the fields the streams measured."""
+    out = {}
+    for layer in layer_bytes:
+        model = new_model().net
+        x = dm.val_set.images[:4].float()
+        rf = fm_lightning.examples.receptive_field(model, getattr(model, layer), x)
+        channels = getattr(model, layer).out_channels
+        drawn = min(channels, 32)  # max_channels, the callback's default
+        per_slot = 1 * rf.height * rf.width * 4 + rf.height * rf.width * 4 + 4 + 8 + 2 * 8
+        out[layer] = drawn * args.examples * per_slot + channels * 4
+    return out
+
+
+print(f"\n[3] top-k state (k={args.examples}), from the {len(state_bytes)} gathered streams")
+sizes = state_bytes[0]
+expected = bound(sizes)
+same = all(s == sizes for s in state_bytes)
+for layer, n in sizes.items():
+    print(f"  {layer}: {n / 2**10:.1f} KiB (bound {expected[layer] / 2**10:.1f} KiB)")
+total = sum(sizes.values())
+print(f"  total {total / 2**10:.1f} KiB; the same in every validation of every fit: {same}")
+
+# -----------------------------------------------------------------------------
+# 4. RSS over many captured epochs
+
+
+def rss_over_epochs(examples: int) -> list[int]:
+    readings: list[int] = []
+
+    class Reader(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                gc.collect()
+                readings.append(common.rss_bytes())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            max_epochs=args.captures,
+            limit_train_batches=2,
+            limit_val_batches=4,
+            logger=CSVLogger(tmp),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator=device.type,
+            devices=1,
+            callbacks=[new_callback(examples), Reader()],
+        )
+        trainer.fit(new_model(), datamodule=dm)
+    return readings
+
+
+print(f"\n[4] RSS after each of {args.captures} captured epochs (judged after {args.warmup})")
+rss = {"off (before)": rss_over_epochs(0), "examples": rss_over_epochs(args.examples)}
+rss["off (after)"] = rss_over_epochs(0)
+for name, xs in rss.items():
+    judged = xs[args.warmup :]
+    print(
+        f"  {name:13s} first {xs[0] / 2**20:8.2f} MiB  after warm-up {judged[0] / 2**20:8.2f} MiB"
+        f"  growth {(judged[-1] - judged[0]) / 2**10:+8.1f} KiB  span "
+        f"{(max(judged) - min(judged)) / 2**10:8.1f} KiB"
+    )
+judged = rss["examples"][args.warmup :]
+grew = judged[-1] - judged[0]
+noise = max(
+    common.PAGE_SIZE,
+    *(max(xs[args.warmup :]) - min(xs[args.warmup :]) for n, xs in rss.items() if "off" in n),
+)
+print(f"  noise (largest span with examples=0, >= 1 page) {noise / 2**10:.1f} KiB")
+
+# -----------------------------------------------------------------------------
+# targets
+
+print()
+common.print_load("at end")
+common.target(
+    f"validation loop time, examples={args.examples} / examples=0 <= 1.10",
+    val_ratio <= 1.10,
+    f"{val_ratio:.4f} +- {val_res:.3f} (median of {args.repeats} paired rounds); the examples' "
+    f"own code = {direct / val_off:.1%} of the validation without them",
+)
+common.target(
+    f"fit time, examples={args.examples} / examples=0 <= 1.02",
+    fit_ratio <= 1.02,
+    f"{fit_ratio:.4f} +- {fit_res:.3f} (median of {args.repeats} paired rounds)",
+)
+common.target(
+    "top-k state within its bound and the same size in every validation",
+    same and all(sizes[layer] <= expected[layer] for layer in sizes),
+    f"{total / 2**10:.1f} KiB for {len(sizes)} layers",
+)
+common.target(
+    f"RSS flat over {args.captures} captured epochs with examples={args.examples}",
+    grew <= noise,
+    f"grew {grew / 2**10:+.1f} KiB after {args.warmup} epochs vs noise {noise / 2**10:.1f} KiB",
+)
