@@ -139,12 +139,20 @@ def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_d
     # train/loss is logged on exactly the steps the logger writes (log_every_n_steps: 5)
     assert [int(r["step"]) for r in rows if r["train/loss"]] == [4, 9, 14, 19]
     assert glob.glob(str(run / "checkpoints" / "*.ckpt"))
-    pngs = sorted(glob.glob(str(run / "feature_maps" / "*" / "*.png")))
+    pngs = sorted(glob.glob(str(run / "feature_maps" / "**" / "*.png"), recursive=True))
+    # maps, top-k examples and CAM overlays, as configs/default.yaml turns them on
     assert [os.path.relpath(p, run / "feature_maps") for p in pngs] == [
+        "cam/epoch=000.png",
+        "cam/epoch=001.png",
         "conv1/epoch=000.png",
         "conv1/epoch=001.png",
+        "conv1/examples/epoch=000.png",
+        "conv1/examples/epoch=001.png",
         "conv2/epoch=000.png",
         "conv2/epoch=001.png",
+        "conv2/examples/epoch=000.png",
+        "conv2/examples/epoch=001.png",
+        "probe_inputs.png",
     ]
     for path in pngs:
         img = Image.open(path).convert("L")
