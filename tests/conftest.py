@@ -58,3 +58,23 @@ def tiny_trainer(tmp_path, callbacks, logger=None, max_epochs: int = 2, **kwargs
     return pl.Trainer(
         callbacks=callbacks, logger=logger if logger is not None else False, **defaults
     )
+
+
+def recording_wandb_logger(tmp_path) -> tuple:
+    """A real offline WandbLogger whose log_metrics calls are also recorded as (metrics, step).
+
+    The real method still does the logging, so the run's media files are written as usual; the
+    record is what the callback (and Lightning) handed W&B, without parsing W&B's private files.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fm-test")
+    logged: list[tuple[dict, int | None]] = []
+    log_metrics = logger.log_metrics
+
+    def recording_log_metrics(metrics, step=None):
+        logged.append((dict(metrics), step))
+        log_metrics(metrics, step)
+
+    logger.log_metrics = recording_log_metrics
+    return logger, logged

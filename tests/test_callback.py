@@ -14,9 +14,9 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import random_loader, tiny_trainer
+from conftest import random_loader, recording_wandb_logger, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -175,15 +175,7 @@ def test_tensorboard_event_files_hold_the_images(tmp_path):
 def test_wandb_offline_run_holds_non_blank_images(tmp_path):
     import wandb
 
-    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fm-test")
-    logged = []  # (metrics, step) of every log_metrics call: Lightning's and the callback's
-    log_metrics = logger.log_metrics
-
-    def recording_log_metrics(metrics, step=None):
-        logged.append((dict(metrics), step))
-        log_metrics(metrics, step)
-
-    logger.log_metrics = recording_log_metrics  # the real method still does the logging
+    logger, logged = recording_wandb_logger(tmp_path)  # (metrics, step) of every log_metrics
     cb = FeatureMapCallback(layers=["conv1", "conv2"], num_images=2)
     _fit(tmp_path, cb, logger=logger, max_epochs=3)
     run_dir = os.path.dirname(logger.experiment.dir)

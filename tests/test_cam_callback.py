@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_loader, tiny_trainer
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from conftest import random_loader, recording_wandb_logger, tiny_trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -340,15 +340,7 @@ def test_tensorboard_event_file_holds_class_activation_images(tmp_path):
 def test_wandb_gets_captioned_images_on_the_validation_step_and_the_gif(tmp_path):
     import wandb
 
-    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fm-test")
-    logged = []  # (metrics, step) of every log_metrics call: Lightning's and the callback's
-    log_metrics = logger.log_metrics
-
-    def recording_log_metrics(metrics, step=None):
-        logged.append((dict(metrics), step))
-        log_metrics(metrics, step)
-
-    logger.log_metrics = recording_log_metrics  # the real method still does the logging
+    logger, logged = recording_wandb_logger(tmp_path)  # (metrics, step) of every log_metrics
     torch.manual_seed(0)
     model = ImageClassifier(SimpleCNN())
     cb = FeatureMapCallback(layers=["conv1"], num_images=3, cam="GradCAM", cam_layer="conv2")

@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, random_loader, tiny_trainer
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from conftest import REPO, random_loader, recording_wandb_logger, tiny_trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_examples import BAR, Bars, bar_images, ranked
@@ -145,15 +145,7 @@ def test_tensorboard_holds_the_examples_on_the_validation_step(tmp_path):
 def test_wandb_is_handed_the_examples_with_the_validation_metrics(tmp_path):
     import wandb
 
-    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fm-test")
-    logged = []  # (metrics, step) of every log_metrics call: Lightning's and the callback's
-    log_metrics = logger.log_metrics
-
-    def recording_log_metrics(metrics, step=None):
-        logged.append((dict(metrics), step))
-        log_metrics(metrics, step)
-
-    logger.log_metrics = recording_log_metrics  # the real method still does the logging
+    logger, logged = recording_wandb_logger(tmp_path)  # (metrics, step) of every log_metrics
     cb = FeatureMapCallback(layers=["conv1", "conv2"], num_images=2, examples=3)
     _fit(tmp_path, cb, logger=logger, max_epochs=3)
     logger.experiment.finish()
