@@ -32,6 +32,7 @@ import torchcam.methods
 from torch import Tensor, nn
 from torchcam.methods._utils import locate_candidate_layer
 
+from fm_lightning.capture import eval_mode
 from fm_lightning.rendering import check_tensor, colorize, normalize_maps, tile_grid, upscale
 
 __all__ = [
@@ -110,7 +111,6 @@ def training_state_preserved(model: nn.Module) -> Iterator[None]:
     every gradient) raises RuntimeError on a normal exit; torchcam never does that, as it
     takes gradients with ``torch.autograd.grad``, which does not accumulate into ``.grad``.
     """
-    modes = [(module, module.training) for module in model.modules()]
     params = [
         (name, p, p.requires_grad, p.grad, None if p.grad is None else p.grad._version)
         for name, p in model.named_parameters()
@@ -122,13 +122,11 @@ def training_state_preserved(model: nn.Module) -> Iterator[None]:
         torch.random.fork_rng(devices=cuda_devices),
         torch.inference_mode(False),
         torch.enable_grad(),
+        eval_mode(model),  # every submodule's own mode back afterwards
     ):
         try:
-            model.eval()
             yield
         finally:
-            for module, training in modes:
-                module.training = training
             for _, p, requires_grad, grad, _ in params:
                 p.requires_grad_(requires_grad)
                 if p.grad is not grad:
