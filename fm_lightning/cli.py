@@ -212,6 +212,10 @@ def main(args: Sequence[str] | None = None, default_config: Path | None = DEFAUL
     metrics = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)[0]
     if trainer.is_global_zero:
         _print_summary(trainer, metrics)
+    # Lightning leaves the DDP process group up. A gloo group still alive while the interpreter
+    # shuts down can abort a finished run ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return metrics
 
 

@@ -626,6 +626,9 @@ def _ddp_main(out: str) -> None:
         f"probe={cb.probe.sum().item():.6f} targets={cb.probe_targets.tolist()}",
         flush=True,
     )
+    # Lightning leaves the process group up; destroyed here, its gloo threads cannot abort the
+    # exit of a finished run ("terminate called without an active exception").
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow

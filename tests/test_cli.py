@@ -233,6 +233,18 @@ main(sys.argv[2:])
 
 
 @pytest.mark.slow
+def test_train_py_on_two_ddp_processes_exits_cleanly_with_one_run_directory(tmp_path, mnist_dir):
+    # The second process re-runs train.py: it must neither claim a directory of its own nor
+    # print a second summary, and both must exit 0 once their process group is torn down.
+    flags = ["--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--trainer.devices=2"]
+    proc = _train_debug(tmp_path, mnist_dir, "--trainer.max_epochs=1", *flags)
+    assert proc.stdout.count("test accuracy: ") == 1, proc.stdout
+    assert os.listdir(tmp_path / "logs" / "debug") == ["version_0"]
+    maps = tmp_path / "logs" / "debug" / "version_0" / "feature_maps"
+    assert sorted(p.name for p in (maps / "conv2").glob("*.png")) == ["epoch=000.png"]
+
+
+@pytest.mark.slow
 def test_runs_started_together_get_their_own_complete_directories(tmp_path, mnist_dir):
     n = 3
     barrier = tmp_path / "go"

@@ -435,6 +435,10 @@ def _ddp_main() -> None:
         plain = [{f.name: getattr(r, f.name).cpu() for f in fields(r)} for r in drawn]
         torch.save(plain, os.path.join(args.out, "examples.pt"))
     print(f"rank={trainer.global_rank} drew={len(drawn)}", flush=True)
+    if torch.distributed.is_initialized():  # devices=1 starts no process group
+        # Lightning leaves the process group up; destroyed here, its gloo threads cannot abort the
+        # exit of a finished run ("terminate called without an active exception").
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
