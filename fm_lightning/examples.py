@@ -119,6 +119,8 @@ class TopKExamples:
         self.rf = rf
         self.overlay = overlay
         self._state: dict[str, Tensor] | None = None
+        self._windows_key: tuple | None = None
+        self._windows_cache: _Windows | None = None
 
     @torch.no_grad()
     def update(self, act: Tensor, inputs: Tensor, indices: Tensor) -> None:
@@ -158,7 +160,8 @@ class TopKExamples:
         # changes; on an accelerator that read would wait for it, so every slot is computed.
         host = device.type in self.host_read_devices
         # Each map's best value; a map holding NaN scores -inf: it never wins and never keeps
-        # its channel alive.
+        # its channel alive. (amax: several times faster than max with indices, which only the
+        # new slots need, below.)
         best = act.amax(dim=(2, 3)).float().nan_to_num(nan=-math.inf)  # (B, C)
         s["channel_max"] = torch.maximum(s["channel_max"], best.amax(dim=0))
         scores = best.index_select(1, channels).T  # (Cd, B)
@@ -178,7 +181,7 @@ class TopKExamples:
         images = (order - k).clamp(min=0).flatten()[slots]  # (S,) batch rows
         maps_of = channels.repeat_interleave(k)[slots]  # (S,) channels
         flat = act.flatten(2)[images, maps_of].argmax(dim=1)  # (S,) where the best value is
-        at = torch.stack([flat // w, flat % w], dim=-1)  # (S, 2) on the layer's grid
+        py, px = flat // w, flat % w  # (S,) each, on the layer's grid
         ch_idx = torch.arange(cd, device=device)[:, None]
 
         def move(key: str, values: Tensor) -> None:
@@ -188,11 +191,21 @@ class TopKExamples:
             view[slots] = torch.where(fresh.view(-1, *[1] * (view.dim() - 1)), values, view[slots])
             s[key] = moved
 
-        move("positions", at)
-        rows, cols, inside = _windows(at, self.rf, inputs.shape[-2:])  # of the new crops
-        move("crops", _crop(inputs, images, rows, cols, inside))  # (S, Cin, ch, cw)
+        move("positions", torch.stack([py, px], dim=-1))
+        win = self._windows_of(inputs.shape[-2:], (h, w), device)
+        move("crops", _crop(inputs, images, win, py, px))  # (S, Cin, ch, cw)
         if self.overlay:
-            move("overlays", _overlay_at(act, images, maps_of, rows, cols, self.rf))
+            move("overlays", _overlay_at(act, images, maps_of, win, py, px))
+
+    def _windows_of(
+        self, input_hw: tuple[int, int], grid_hw: tuple[int, int], device: torch.device
+    ) -> _Windows:
+        """The crop windows of every grid row and column, made once per shape (not per batch)."""
+        key = (*input_hw, *grid_hw, device)
+        if self._windows_key != key:
+            self._windows_cache = _grid_windows(self.rf, input_hw, grid_hw, device)
+            self._windows_key = key
+        return self._windows_cache
 
     def state(self) -> dict[str, Tensor]:
         """Fixed-shape tensors for ``LightningModule.all_gather`` (same shapes on every rank).
@@ -379,7 +392,11 @@ def crop_at(
     if positions.dim() != 2 or positions.shape[1] != 2 or len(positions) != len(images):
         raise ValueError(f"expected positions of shape ({len(images)}, 2), got {_shape(positions)}")
     positions, images = positions.to(inputs.device), images.to(inputs.device)
-    return _crop(inputs, images, *_windows(positions, rf, inputs.shape[-2:]))
+    grid_hw = (
+        (int(positions[:, 0].max()) + 1, int(positions[:, 1].max()) + 1) if len(images) else (1, 1)
+    )
+    win = _grid_windows(rf, inputs.shape[-2:], grid_hw, inputs.device)
+    return _crop(inputs, images, win, positions[:, 0], positions[:, 1])
 
 
 @torch.no_grad()
@@ -437,7 +454,12 @@ def examples_grid(
     th, tw = tiles.shape[2:4]
     font = ImageFont.load_default(size=_FONT_PX)
     cell_w, cell_h = tw + _GAP, th + _CAPTION_PX + _GAP
-    canvas = Image.new("RGB", (_LABEL_PX + k * cell_w + _GAP, cd * cell_h + _GAP), (255, 255, 255))
+    pixels = np.full((cd * cell_h + _GAP, _LABEL_PX + k * cell_w + _GAP, 3), 255, dtype=np.uint8)
+    # Every tile in one copy: the cells' grid as a (Cd, cell_h, k, cell_w, 3) view of the canvas,
+    # each tile in its cell's top-left corner.
+    cells = pixels[_GAP : _GAP + cd * cell_h, _LABEL_PX : _LABEL_PX + k * cell_w]
+    cells.reshape(cd, cell_h, k, cell_w, 3)[:, :th, :, :tw] = tiles.transpose(0, 2, 1, 3, 4)
+    canvas = Image.fromarray(pixels)
     draw = ImageDraw.Draw(canvas)
     scores, channels = result.scores.cpu(), result.channels.cpu()
     for r in range(cd):
@@ -453,10 +475,8 @@ def examples_grid(
                 width=2,
             )
         for j in range(k):
-            left = _LABEL_PX + j * cell_w
-            canvas.paste(Image.fromarray(tiles[r, j]), (left, top))
             caption = "\u2013" if empty[r, j].item() else f"{float(scores[r, j]):.3g}"
-            draw.text((left + 1, top + th), caption, fill=color, font=font)
+            draw.text((_LABEL_PX + j * cell_w + 1, top + th), caption, fill=color, font=font)
     return torch.from_numpy(np.asarray(canvas).copy())
 
 
@@ -527,6 +547,7 @@ class _Reached(Exception):
     """Raised by receptive_field's hook: the forward pass got as far as it needs."""
 
 
+_FIELD_INPUTS = 8  # inputs of the first batch that receptive_field() measures a layer with
 _OVERLAY_ALPHA = 0.45
 _OUTSIDE = 0.85  # light grey: outside the input, or an empty slot
 _DEAD_RGB = (214, 39, 40)
@@ -570,55 +591,65 @@ def _axis(a: tuple[int, int], b: tuple[int, int], pa: int, pb: int, n_in: int, n
     return a[1] - a[0] + 1, stride, (a[0] + a[1]) / 2 - stride * pa
 
 
-def _windows(
-    positions: Tensor, rf: ReceptiveField, input_hw: tuple[int, int]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The input pixels of the crops at (N, 2) grid positions.
+class _Windows(NamedTuple):
+    """Where the crops of a layer's grid rows and columns lie in the input (see _grid_windows)."""
 
-    Returns rows (N, height) and columns (N, width), clamped into the input, and which pixels
-    are inside it (N, height, width).
+    rows: Tensor  # (h, height) input rows of grid row i's crops, clamped into the input
+    rows_in: Tensor  # (h, height) bool: the row is inside the input
+    cols: Tensor  # (w, width)
+    cols_in: Tensor  # (w, width)
+    cell_rows: Tensor  # (h, height): the grid row whose centre is nearest each crop row
+    cell_cols: Tensor  # (w, width)
+
+
+def _grid_windows(
+    rf: ReceptiveField, input_hw: tuple[int, int], grid_hw: tuple[int, int], device: torch.device
+) -> _Windows:
+    """The input pixels of the crops around every row and column of an (h, w) grid.
+
+    A crop is separable (its rows depend on the grid row only, its columns on the grid column),
+    so these small tables give any position's window by two lookups.
     """
-    # floor(v + 0.5): halves round up everywhere (torch.round's half-to-even would not)
-    stride = torch.tensor(rf.stride, dtype=torch.float64, device=positions.device)
-    centre_to_start = torch.tensor(
-        [rf.offset[0] - (rf.height - 1) / 2 + 0.5, rf.offset[1] - (rf.width - 1) / 2 + 0.5],
-        dtype=torch.float64,
-        device=positions.device,
-    )
-    start = torch.floor(positions * stride + centre_to_start).long()  # (N, 2)
-    rows = start[:, :1] + torch.arange(rf.height, device=positions.device)  # (N, height)
-    cols = start[:, 1:] + torch.arange(rf.width, device=positions.device)  # (N, width)
-    height, width = input_hw
-    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None]
-    return rows.clamp(0, height - 1), cols.clamp(0, width - 1), inside
+    (height, width), (h, w) = input_hw, grid_hw
+
+    def axis(n_grid: int, size: int, stride: float, offset: float, n_in: int):
+        # floor(v + 0.5): halves round up everywhere (torch.round's half-to-even would not)
+        at = torch.arange(n_grid, dtype=torch.float64, device=device)
+        start = torch.floor(at * stride + (offset - (size - 1) / 2 + 0.5)).long()  # (n_grid,)
+        pixels = start[:, None] + torch.arange(size, device=device)  # (n_grid, size)
+        inside = (pixels >= 0) & (pixels < n_in)
+        pixels = pixels.clamp(0, n_in - 1)
+        # the grid cell whose centre is nearest each pixel: the overlay's value there
+        cells = torch.floor((pixels.double() - offset) / stride + 0.5).long().clamp(0, n_grid - 1)
+        return pixels, inside, cells
+
+    rows, rows_in, cell_rows = axis(h, rf.height, rf.stride[0], rf.offset[0], height)
+    cols, cols_in, cell_cols = axis(w, rf.width, rf.stride[1], rf.offset[1], width)
+    return _Windows(rows, rows_in, cols, cols_in, cell_rows, cell_cols)
 
 
-def _crop(inputs: Tensor, images: Tensor, rows: Tensor, cols: Tensor, inside: Tensor) -> Tensor:
-    """(N, Cin, height, width) crops of inputs[images] at the given rows and columns."""
+def _crop(inputs: Tensor, images: Tensor, win: _Windows, py: Tensor, px: Tensor) -> Tensor:
+    """(N, Cin, height, width) crops of inputs[images] around grid positions (py, px)."""
     _, cin, height, width = inputs.shape
+    rows, cols = win.rows[py], win.cols[px]  # (N, height), (N, width)
     chans = torch.arange(cin, device=inputs.device)
     # Flat indices into the contiguous batch: one 1-D gather, much faster than four index tensors.
     base = (images[:, None] * cin + chans) * height  # (N, Cin)
     idx = (base[:, :, None, None] + rows[:, None, :, None]) * width + cols[:, None, None, :]
     crops = inputs.contiguous().view(-1)[idx]  # (N, Cin, height, width)
-    return crops.masked_fill(~inside[:, None], _fill(inputs.dtype))
+    outside = ~(win.rows_in[py][:, :, None] & win.cols_in[px][:, None])  # (N, height, width)
+    return crops.masked_fill(outside[:, None], _fill(inputs.dtype))
 
 
 def _overlay_at(
-    act: Tensor, images: Tensor, channels: Tensor, rows: Tensor, cols: Tensor, rf: ReceptiveField
+    act: Tensor, images: Tensor, channels: Tensor, win: _Windows, py: Tensor, px: Tensor
 ) -> Tensor:
     """(N, height, width) float32: each crop pixel gets act[image, channel] at its nearest cell."""
     _, c, h, w = act.shape
-    gy = _nearest(rows, rf.stride[0], rf.offset[0], h)  # (N, height)
-    gx = _nearest(cols, rf.stride[1], rf.offset[1], w)  # (N, width)
     base = (images * c + channels) * h  # (N,) start of each map in the flat activation
+    gy, gx = win.cell_rows[py], win.cell_cols[px]  # (N, height), (N, width)
     idx = (base[:, None, None] + gy[:, :, None]) * w + gx[:, None, :]  # (N, height, width)
     return act.contiguous().view(-1)[idx].float()
-
-
-def _nearest(pixels: Tensor, stride: float, offset: float, n_grid: int) -> Tensor:
-    """The grid position whose centre is nearest each input pixel, within the grid."""
-    return torch.floor((pixels.double() - offset) / stride + 0.5).long().clamp(0, n_grid - 1)
 
 
 def _fill(dtype: torch.dtype) -> float:
@@ -691,12 +722,15 @@ class ExampleStream:
             if name in self.errors:
                 continue
             if name not in self.fields:
+                # A few inputs (and their noisy copies) find the field as well as a whole batch.
+                sample = inputs[:_FIELD_INPUTS].float()
+                rows = 2 * len(sample)  # receptive_field() adds a noisy copy of each input
                 try:
                     self.fields[name] = receptive_field(
                         self.model,
                         module,
-                        inputs.float(),
-                        to_maps=lambda out, name=name: self._maps(name, out, 2 * len(inputs)),
+                        sample,
+                        to_maps=lambda out, name=name, rows=rows: self._maps(name, out, rows),
                     )
                 except (LayoutError, ValueError) as err:
                     self.errors[name] = str(err)
