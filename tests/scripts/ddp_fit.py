@@ -1,10 +1,15 @@
 """Fit SimpleCNN on random data with Lightning DDP on CPU (2 processes) and FeatureMapCallback.
 
-python tests/scripts/ddp_fit.py OUT_DIR
+    python tests/scripts/ddp_fit.py OUT_DIR                      # maps of conv1 and conv2
+    python tests/scripts/ddp_fit.py OUT_DIR --fail-on-rank 1     # that rank cannot read batches
+    python tests/scripts/ddp_fit.py OUT_DIR --cam GradCAM        # class-activation maps of conv2
+
+Every rank prints one line, ``rank=R probe_sum=S`` (with --cam also ``cam_passes=N`` and
+``targets=T,T,...``), so a test can check what each rank drew with.
 """
 
+import argparse
 import os
-import sys
 
 import lightning.pytorch as pl
 import torch
@@ -23,17 +28,25 @@ def loader(seed):
 
 
 if __name__ == "__main__":
-    out = sys.argv[1]
-    fail_rank = int(sys.argv[3]) if sys.argv[2:3] == ["--fail-on-rank"] else None
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--fail-on-rank", type=int, default=None)
+    parser.add_argument("--cam", default=None, help="a torchcam method, drawn at conv2")
+    args = parser.parse_args()
 
     def pick_input(batch):
         # Lightning's DDP launcher sets LOCAL_RANK for every process it starts.
-        if int(os.environ.get("LOCAL_RANK", 0)) == fail_rank:
+        if int(os.environ.get("LOCAL_RANK", 0)) == args.fail_on_rank:
             raise KeyError("this rank cannot find the input")
         return batch[0]
 
     cb = FeatureMapCallback(
-        layers=["conv1", "conv2"], num_images=4, save_dir=f"{out}/maps", input_fn=pick_input
+        layers=["conv1", "conv2"],
+        num_images=4,
+        save_dir=f"{args.out}/maps",
+        input_fn=pick_input,
+        cam=args.cam,
+        cam_layer="conv2" if args.cam else None,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -42,16 +55,28 @@ if __name__ == "__main__":
         max_epochs=2,
         limit_train_batches=2,
         limit_val_batches=2,
-        logger=TensorBoardLogger(out, name="tb", version=0),
+        logger=TensorBoardLogger(args.out, name="tb", version=0),
         callbacks=[cb],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(ImageClassifier(SimpleCNN()), loader(0), loader(1))
+    model = ImageClassifier(SimpleCNN())
+    cam_passes = []  # forward passes of the model with gradients on in eval mode: CAM's
+
+    def count_cam_passes(module, args):
+        if torch.is_grad_enabled() and not module.training:
+            cam_passes.append(1)
+
+    model.register_forward_pre_hook(count_cam_passes)
+    trainer.fit(model, loader(0), loader(1))
     # Every rank prints what it drew with, so the test can check all ranks agree on the probe.
     probe_sum = "none" if cb.probe is None else f"{cb.probe.sum().item():.6f}"
-    print(f"rank={trainer.global_rank} probe_sum={probe_sum}", flush=True)
+    line = f"rank={trainer.global_rank} probe_sum={probe_sum}"
+    if args.cam:
+        targets = ",".join(str(t) for t in cb.probe_targets.tolist())
+        line += f" cam_passes={len(cam_passes)} targets={targets}"
+    print(line, flush=True)
     # Lightning leaves the process group up; destroyed here, its gloo threads cannot abort the
     # exit of a finished run ("terminate called without an active exception").
     torch.distributed.destroy_process_group()
