@@ -15,7 +15,9 @@ added by class path.
 Every run gets a directory of its own, even when several start at once in one working directory
 (a job array, two terminals): each CSV or TensorBoard logger without an explicit ``version``
 claims ``<save_dir>/<name>/version_<N>`` by creating it, which only one process can do, and
-``config.yaml`` goes there too (beside the checkpoints for other loggers, such as W&B). A model or
+``config.yaml`` goes there too (beside the checkpoints for other loggers, such as W&B), as asked:
+``version: null``, so running it again is a new run. An int count such as
+``--trainer.limit_val_batches=1`` stays an int (one batch, not 1.0: all of them). A model or
 data argument out of range is one ``error: --flag: expected ...`` line and exit status 2, as a
 malformed one is.
 """
@@ -29,6 +31,7 @@ import re
 import traceback
 from collections.abc import Sequence
 from contextlib import suppress
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -44,8 +47,74 @@ from fm_lightning.models import ImageClassifier
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+class CLITrainer(pl.Trainer):
+    """Lightning's Trainer, with the arguments where an int and a float differ read int first.
+
+    ``limit_val_batches=1`` is one batch and ``1.0`` every batch. Python's typing caches
+    ``Union[int, float]`` and ``Union[float, int]`` as one object, so Trainer's annotations can
+    read float first, and then the CLI parses ``--trainer.limit_val_batches=1`` as 1.0 (and saves
+    ``config.yaml`` so). ``int | float`` keeps its order; everything else is Trainer's own.
+
+    Args:
+        limit_train_batches: training batches per epoch and device: an int counts them, a
+            float is a fraction (default 1.0, all of them).
+        limit_val_batches: validation batches per device: an int counts them, a float is a
+            fraction (default 1.0, all of them).
+        limit_test_batches: test batches per device: an int counts them, a float is a fraction
+            (default 1.0, all of them).
+        limit_predict_batches: prediction batches per device: an int counts them, a float is a
+            fraction (default 1.0, all of them).
+        overfit_batches: train and validate on this many training batches (int) or this
+            fraction of them (float); 0 is off.
+        val_check_interval: validate every this many training batches (int) or this fraction
+            of an epoch (float); also a time (str, timedelta or dict), as Trainer documents.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        overfit_batches: int | float = 0.0,
+        val_check_interval: int | float | str | timedelta | dict[str, int] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            overfit_batches=overfit_batches,
+            val_check_interval=val_check_interval,
+            **kwargs,
+        )
+
+
 class FMLightningCLI(LightningCLI):
-    """LightningCLI for ImageClassifier + MNISTDataModule that turns W&B offline without a key."""
+    """train.py's LightningCLI: ImageClassifier + MNISTDataModule, parsed but not run.
+
+    Turns W&B offline without a key, gives every run a directory of its own (with its
+    ``config.yaml``) and builds a :class:`CLITrainer`. ``args`` default to ``sys.argv``; the
+    ``default_config`` file is read before any ``--config``.
+    """
+
+    def __init__(
+        self, args: Sequence[str] | None = None, default_config: Path | None = DEFAULT_CONFIG
+    ) -> None:
+        super().__init__(
+            ImageClassifier,
+            MNISTDataModule,
+            seed_everything_default=42,
+            parser_kwargs={"default_config_files": [str(default_config)]} if default_config else {},
+            save_config_callback=RunConfigCallback,
+            save_config_kwargs={"save_to_log_dir": False},  # RunConfigCallback.save_config does it
+            auto_configure_optimizers=False,  # the optimizer is a --model.optimizer argument
+            trainer_class=CLITrainer,
+            run=False,
+            args=args,
+        )
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -62,6 +131,9 @@ class FMLightningCLI(LightningCLI):
         if uses_wandb and "WANDB_MODE" not in os.environ and not _wandb_key_available():
             # No account on this machine: write the run locally, upload later with `wandb sync`.
             os.environ["WANDB_MODE"] = "offline"
+        # config.yaml records what was asked, not the version claimed below: run again, it
+        # starts a new run instead of writing into this one's directory.
+        self._asked = self.config.clone()
         # Lightning picks max(version)+1 only when a logger first writes, so runs started
         # together all pick the same one. Claim it now instead, on rank zero (DDP's other ranks
         # take rank zero's directories, which Lightning broadcasts).
@@ -92,7 +164,11 @@ class FMLightningCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         """Checks the optimizer's arguments (now that the model exists), then builds the Trainer."""
         _check_optimizer(self.model)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunConfigCallback):
+                callback.config = self._asked
+        return trainer
 
 
 _VERSIONED = ("CSVLogger", "TensorBoardLogger")  # loggers that number their runs version_<N>
@@ -189,18 +265,7 @@ def _wandb_key_available() -> bool:
 
 def main(args: Sequence[str] | None = None, default_config: Path | None = DEFAULT_CONFIG) -> dict:
     """Fit, then test the best checkpoint; returns the test metrics. ``args`` default to argv."""
-    parser_kwargs = {"default_config_files": [str(default_config)]} if default_config else {}
-    cli = FMLightningCLI(
-        ImageClassifier,
-        MNISTDataModule,
-        seed_everything_default=42,
-        parser_kwargs=parser_kwargs,
-        save_config_callback=RunConfigCallback,
-        save_config_kwargs={"save_to_log_dir": False},  # RunConfigCallback.save_config does it
-        auto_configure_optimizers=False,  # the optimizer is a --model.optimizer argument
-        run=False,
-        args=args,
-    )
+    cli = FMLightningCLI(args, default_config)
     trainer = cli.trainer
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     # The best checkpoint when one was saved; the weights in memory otherwise (e.g. debug runs).

@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
-from fm_lightning import FeatureMapCallback, ImageClassifier, MNISTDataModule, SimpleCNN, data
-from fm_lightning.cli import FMLightningCLI, main
+from fm_lightning import FeatureMapCallback, MNISTDataModule, SimpleCNN, data
+from fm_lightning.cli import FMLightningCLI, RunConfigCallback, main
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
 # Configs that ask for hardware this machine may lack are instantiated on the CPU instead; their
@@ -29,15 +29,7 @@ ON_CPU = {
 
 
 def _cli(args, tmp_path) -> FMLightningCLI:
-    return FMLightningCLI(
-        ImageClassifier,
-        MNISTDataModule,
-        seed_everything_default=42,
-        parser_kwargs={"default_config_files": [str(REPO / "configs" / "default.yaml")]},
-        auto_configure_optimizers=False,
-        run=False,
-        args=[*args, f"--trainer.default_root_dir={tmp_path}"],
-    )
+    return FMLightningCLI([*args, f"--trainer.default_root_dir={tmp_path}"])
 
 
 def test_configs_exist():
@@ -69,6 +61,29 @@ def test_every_config_instantiates(config, tmp_path, monkeypatch):
         assert isinstance(cli.trainer.logger, CSVLogger)
     if name == "ddp.yaml":
         assert cli.trainer.world_size == 2 and "ddp" in type(cli.trainer.strategy).__name__.lower()
+
+
+def test_saved_config_keeps_counts_counts_and_starts_a_new_run(tmp_path, monkeypatch):
+    # limit_val_batches=1 is one batch, 1.0 every batch: typing may cache Trainer's
+    # Union[int, float] float first, and the parsed and saved 1 then became 1.0.
+    monkeypatch.chdir(tmp_path)
+    debug = str(REPO / "configs" / "debug.yaml")
+    cli = _cli(["--config", debug, "--trainer.limit_val_batches=1"], tmp_path)
+    assert type(cli.trainer.limit_val_batches) is int and cli.trainer.limit_val_batches == 1
+    assert type(cli.trainer.limit_train_batches) is int  # debug.yaml's 10
+    fraction = _cli(["--config", debug, "--trainer.limit_val_batches=1.0"], tmp_path)
+    assert type(fraction.trainer.limit_val_batches) is float
+
+    (saver,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, RunConfigCallback)]
+    saver.setup(cli.trainer, cli.model, stage="fit")  # what fit() does first
+    saved = tmp_path / "logs" / "debug" / "version_0" / "config.yaml"
+    text = saved.read_text()
+    assert "  limit_val_batches: 1\n" in text and "  limit_train_batches: 10\n" in text
+    # It records what was asked, not the claimed version, so running it again is a new run.
+    assert "      version: null\n" in text
+    again = _cli(["--config", str(saved)], tmp_path)
+    assert again.trainer.logger.version == 2  # version_1 went to `fraction` above
+    assert type(again.trainer.limit_val_batches) is int and again.trainer.limit_val_batches == 1
 
 
 def test_cli_turns_wandb_offline_without_a_key(tmp_path, monkeypatch):
