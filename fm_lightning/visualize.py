@@ -20,16 +20,17 @@ overlays of the inputs (``fm_lightning.cam``, torchcam), for the predicted class
 ``--mnist-index`` inputs, the true class, at ``--cam-layer`` (a layer name or pattern matching
 one module; default the run's ``cam_layer``, else torchcam's choice).
 
-The network. A checkpoint written by ``python train.py`` sits in ``checkpoints/`` of its run
-directory, beside the ``config.yaml`` LightningCLI saved there; its ``model:`` section is parsed
-and instantiated by LightningCLI's own parser (jsonargparse), so whatever ``--model.net`` the run
-used (a class path with ``init_args``, ``torchvision.models.resnet18``, ``timm.create_model`` with
-``dict_kwargs``, a module of your own) is rebuilt the same way. ``--config PATH`` names another
-one. Layers are then named as the callback names them, relative to the ImageClassifier
-(``conv1`` finds ``net.conv1``), and ``--layers`` defaults to the run's FeatureMapCallback
-layers. Building the network imports and calls what the config names, as ``train.py --config``
-does: use configs you trust. Without a config the network is SimpleCNN (layers ``conv1``,
-``pool``, ``conv2``, ``fc1``...; default ``conv1 conv2``), and bare SimpleCNN state dicts load too.
+The network, read and rebuilt by ``fm_lightning.checkpoints``. A checkpoint written by
+``python train.py`` sits in ``checkpoints/`` of its run directory, beside the ``config.yaml``
+LightningCLI saved there; its ``model:`` section is parsed and instantiated by LightningCLI's own
+parser (jsonargparse), so whatever ``--model.net`` the run used (a class path with ``init_args``,
+``torchvision.models.resnet18``, ``timm.create_model`` with ``dict_kwargs``, a module of your own)
+is rebuilt the same way. ``--config PATH`` names another one. Layers are then named as the callback
+names them, relative to the ImageClassifier (``conv1`` finds ``net.conv1``), and ``--layers``
+defaults to the run's FeatureMapCallback layers. Building the network imports and calls what the
+config names, as ``train.py --config`` does: use configs you trust. Without a config the network is
+SimpleCNN (layers ``conv1``, ``pool``, ``conv2``, ``fc1``...; default ``conv1 conv2``), and bare
+SimpleCNN state dicts load too.
 
 Inputs have MNIST's shape, 1x28x28, because that is what ``MNISTDataModule`` (train.py's data)
 feeds every network it trains: a network that does not take it (say, a 3-channel ResNet) is
@@ -74,23 +75,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
-import io
 import os
-import pickle
-import pickletools
-import re
 import sys
-import warnings
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
 import torch
-import yaml
-from lightning.pytorch.cli import LightningArgumentParser
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor, nn
 
@@ -103,6 +95,19 @@ from fm_lightning.cam import (
     class_activation_maps,
 )
 from fm_lightning.capture import capture, eval_mode, resolve_layers
+from fm_lightning.checkpoints import (
+    CONFIG_FILE,
+    IMAGE_SIZE,
+    CheckpointError,
+    RunConfig,
+    check_takes_mnist,
+    describe_model,
+    find_config,
+    load_checkpoint,
+    model_from_config,
+    read_config,
+    untrained_model,
+)
 from fm_lightning.data import MNIST_MEAN, MNIST_STD, MNISTDataModule, load_mnist
 from fm_lightning.examples import ExamplesResult, ExampleStream, examples_grid
 from fm_lightning.files import safe_path_part, save_png
@@ -115,368 +120,17 @@ from fm_lightning.gallery import (
     write_index,
 )
 from fm_lightning.layouts import interpret
-from fm_lightning.models import ImageClassifier, SimpleCNN
 
-# How torch's weights-only unpickler words a refusal of something that is not plain data: a global
-# (a function or class), an object to build, or a function to call while loading.
-_NEEDS_CODE = re.compile(r"GLOBAL|Can only (create new object|build)|call reduce")
-_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
-IMAGE_SIZE = 28  # MNIST's images, MNISTDataModule's batches: 1x28x28
-CONFIG_FILE = "config.yaml"  # what train.py's LightningCLI saves in the run's directory
 EXAMPLES_BATCH = 500  # MNIST test images per forward pass of the --examples sweep
-SUPPORTED = (
-    "SimpleCNN checkpoints from this template (`python train.py`, or a SimpleCNN state_dict), "
-    f"and any network trained by `python train.py` through its run's {CONFIG_FILE} (found in "
-    "the run directory above checkpoints/, or given with --config PATH)"
-)
 
 
 class VisualizeError(Exception):
-    """A problem with the user's input: printed as ``error: ...``, exit status 2."""
+    """A problem with the user's input (an image, MNIST index, layer, CAM or --out; the network's
+    are :class:`~fm_lightning.checkpoints.CheckpointError`): printed as ``error: ...``, exit 2."""
 
 
 def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
-
-
-# -----------------------------------------------------------------------------
-# Models
-
-
-def load_checkpoint(
-    path: str | os.PathLike, model: nn.Module | None = None, built_from: str = "SimpleCNN"
-) -> tuple[nn.Module, dict]:
-    """Loads a checkpoint's weights, weights only, into ``model`` (default: a SimpleCNN).
-
-    Args:
-        path: a ``.ckpt`` written by ``python train.py`` (or ``trainer.save_checkpoint``), or a
-            file holding the network's ``state_dict()``.
-        model: the model to load into, e.g. from :func:`model_from_config`. Its ``net``
-            (ImageClassifier's network) gets the weights when it has one, else the model does.
-            None: a SimpleCNN with as many classes as the checkpoint's ``fc3``.
-        built_from: how ``model`` was made, for the message when the weights do not fit.
-
-    Returns:
-        ``(model, checkpoint)``: the model in eval mode on the CPU, and the loaded dict.
-
-    Raises:
-        VisualizeError: the file is missing, unreadable, would run code, or does not fit.
-    """
-    path = Path(path)
-    ckpt = read_checkpoint(path)
-    state = _state_dict(ckpt, path)
-    if model is None:
-        fc3 = state.get("fc3.weight")
-        num_classes = fc3.shape[0] if isinstance(fc3, Tensor) and fc3.ndim == 2 else 10
-        model = SimpleCNN(num_classes=num_classes)
-    net = model.net if isinstance(getattr(model, "net", None), nn.Module) else model
-    _check_fits(net, state, path, built_from)
-    net.load_state_dict(state, strict=True)
-    return model.eval(), ckpt if isinstance(ckpt, dict) else {}
-
-
-def read_checkpoint(path: Path) -> object:
-    """``torch.load(path, weights_only=True)`` on the CPU; every failure a VisualizeError."""
-    if not path.exists():
-        found = sorted(glob.glob("logs/*/version_*/checkpoints/*.ckpt"))[:3]
-        hint = f" Checkpoints found here: {', '.join(found)}." if found else ""
-        raise VisualizeError(
-            f"checkpoint not found: {path}. Train one with `python train.py`, which writes "
-            "logs/<name>/version_<N>/checkpoints/*.ckpt (the best by val/acc, and last.ckpt)."
-            f"{hint}"
-        )
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.ckpt"))
-        hint = f" It holds: {', '.join(inside)}." if inside else ""
-        raise VisualizeError(f"{path} is a directory; pass a checkpoint file.{hint}")
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols > 2, which its loader only partly reads; the
-            # error below says what matters, and nothing else should be printed.
-            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # What it would call, read from the pickle's opcodes: torch cannot even parse protocol 4
-        # ("Unsupported operand 149", its FRAME), and names only the first refusal otherwise.
-        # Failing that, torch's weights-only unpickler names what it refused on one line.
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = _code_it_would_run(path) or next(
-            (line for line in lines if _NEEDS_CODE.search(line)), None
-        )
-        if detail is not None:
-            raise VisualizeError(
-                f"{path} was refused because loading it would run code ({detail}). Only "
-                "weights-only checkpoints are accepted (torch.load with weights_only=True: "
-                "tensors and plain containers), such as the ones `python train.py` writes."
-            ) from None
-        useful = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
-        why = useful[-1] if useful else "the weights-only loader could not parse it"
-        raise VisualizeError(
-            f"{path} is not a readable PyTorch checkpoint ({why}); it may be corrupt or "
-            "truncated, or not written by torch.save."
-        ) from None
-    except OSError as err:
-        raise VisualizeError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
-    except Exception as err:  # zip errors, EOF, garbage: torch raises many kinds
-        if path.stat().st_size == 0:
-            why = "the file is empty"
-        elif isinstance(err, RuntimeError) and str(err):  # torch's own words, first sentence
-            why = str(err).split(". ")[0].splitlines()[0][:160]
-        else:
-            why = f"{type(err).__name__} while parsing it"
-        raise VisualizeError(
-            f"{path} is not a readable PyTorch checkpoint ({why}); it may be corrupt or "
-            "truncated, or not written by torch.save."
-        ) from None
-
-
-def _code_it_would_run(path: Path) -> str | None:
-    """What the checkpoint's pickle would import and call outside torch's weights-only allow-list
-    (``"it calls posix.system"``), found by reading its opcodes, which never runs them; None if
-    nothing is, or if the file is no pickle."""
-    try:  # private, so looked up here: without it, only torch's own words are reported
-        from torch._weights_only_unpickler import _get_allowed_globals
-    except ImportError:
-        return None
-    allowed = _get_allowed_globals()  # "module.name" of what torch.load(weights_only=True) takes
-    memo: dict[object, object] = {}
-    pushed: list[object] = []  # what the last two opcodes (memo ones aside) pushed
-    calls: dict[str, None] = {}  # the disallowed ones, in order, once each
-    try:
-        if zipfile.is_zipfile(path):  # torch.save's format: the object is <archive>/data.pkl
-            with zipfile.ZipFile(path) as archive:
-                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-                stream = io.BytesIO(archive.read(name) if name else b"")
-        else:  # a bare pickle, or torch's legacy format: several pickles, then storage bytes
-            stream = io.BytesIO(path.read_bytes())
-        while stream.tell() < len(stream.getbuffer()):
-            for op, arg, _ in pickletools.genops(stream):
-                if op.name == "MEMOIZE":
-                    memo[len(memo)] = pushed[-1] if pushed else None
-                    continue
-                if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[arg] = pushed[-1] if pushed else None
-                    continue
-                if op.name in ("GLOBAL", "INST"):  # arg: "module name"
-                    target = arg.replace(" ", ".", 1)
-                elif op.name == "STACK_GLOBAL":  # module and name are the two strings pushed
-                    strings = [x for x in pushed if isinstance(x, str)]
-                    target = ".".join(strings) if len(strings) == 2 else "a function named at load"
-                elif op.name.startswith("EXT"):
-                    target = "a function from the copyreg extension registry"
-                else:
-                    value = memo.get(arg) if op.name in ("GET", "BINGET", "LONG_BINGET") else arg
-                    is_str = "UNICODE" in op.name or op.name.endswith("STRING")
-                    pushed = [*pushed[-1:], value if is_str or op.name.endswith("GET") else None]
-                    continue
-                if target not in allowed:
-                    calls[target] = None
-    except (ValueError, zipfile.BadZipFile):  # past the pickles (legacy storage), or no pickle
-        pass
-    return f"it calls {', '.join(calls)}" if calls else None
-
-
-def _state_dict(ckpt: object, path: Path) -> dict[str, Tensor]:
-    """The network's weights in a loaded checkpoint, with ImageClassifier's ``net.`` removed."""
-    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("state_dict"), Mapping):
-        state = dict(ckpt["state_dict"])
-    elif isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
-        state = dict(ckpt)  # a bare state_dict
-    else:
-        what = (
-            f"a dict with keys {', '.join(map(str, list(ckpt)[:8]))}"
-            if isinstance(ckpt, Mapping)
-            else f"a {type(ckpt).__name__}"
-        )
-        raise VisualizeError(
-            f"{path} holds {what}, not a model checkpoint with a state_dict. "
-            f"The visualizer supports {SUPPORTED}."
-        )
-    if any(key.startswith("net.") for key in state):
-        # ImageClassifier keeps its network in `self.net`; its other entries are not weights.
-        state = {key[4:]: value for key, value in state.items() if key.startswith("net.")}
-    return state
-
-
-def _check_fits(model: nn.Module, state: dict[str, object], path: Path, built_from: str) -> None:
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong = [
-        f"{key} {tuple(value.shape)} ({type(model).__name__}: {tuple(expected[key].shape)})"
-        if isinstance(value, Tensor)
-        else f"{key} (a {type(value).__name__}, not a tensor)"
-        for key, value in state.items()
-        if key in expected
-        and not (isinstance(value, Tensor) and value.shape == expected[key].shape)
-    ]
-    problems = [
-        f"{label}: {', '.join(items[:6])}{', ...' if len(items) > 6 else ''}"
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatch", wrong),
-        )
-        if items
-    ]
-    if not problems:
-        return
-    if built_from == "SimpleCNN":
-        fix = f"The visualizer supports {SUPPORTED}."
-    else:
-        fix = "Pass --config with the config.yaml of the run that wrote this checkpoint."
-    raise VisualizeError(f"{path} does not fit {built_from} ({'; '.join(problems)}). {fix}")
-
-
-def untrained_model(seed: int, num_classes: int = 10) -> SimpleCNN:
-    """A freshly initialised SimpleCNN, the same for the same seed; global RNG state is kept."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return SimpleCNN(num_classes=num_classes).eval()
-
-
-# -----------------------------------------------------------------------------
-# A run's config.yaml
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """The parts of a ``python train.py`` run's ``config.yaml`` that the visualizer uses."""
-
-    path: Path
-    model: dict  # the `model:` section: ImageClassifier's arguments, `net` as a class path
-    data: dict  # the `data:` section: MNISTDataModule's arguments
-    layers: list[str] | None  # the run's FeatureMapCallback `layers`, if it had one
-    cam_layer: str | None  # and its `cam_layer`
-
-
-def find_config(ckpt: str | os.PathLike) -> Path | None:
-    """The config.yaml of the run that wrote ``ckpt``: beside it, or in the run directory when
-    it is in ``checkpoints/`` (``logs/<name>/version_<N>/{config.yaml,checkpoints/*.ckpt}``)."""
-    ckpt = Path(ckpt)
-    folders = (
-        [ckpt.parent, ckpt.parent.parent] if ckpt.parent.name == "checkpoints" else [ckpt.parent]
-    )
-    return next((f / CONFIG_FILE for f in folders if (f / CONFIG_FILE).is_file()), None)
-
-
-def read_config(path: str | os.PathLike) -> RunConfig:
-    """Reads the sections of a run's config.yaml that build its model and data.
-
-    Raises:
-        VisualizeError: the file is missing, unreadable, not YAML, or has no ``model:`` section.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise VisualizeError(
-            f"config not found: {path}. Pass the {CONFIG_FILE} that `python train.py` saved in "
-            f"the run's directory (logs/<name>/version_<N>/{CONFIG_FILE}), or leave --config out "
-            "for a SimpleCNN checkpoint."
-        )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise VisualizeError(f"cannot read config {path}: {err.strerror or err}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        why = " ".join(str(err).split())
-        raise VisualizeError(
-            f"{path} is not valid YAML ({why}); pass the {CONFIG_FILE} `python train.py` saved."
-        ) from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        raise VisualizeError(
-            f"{path} has no model: section; expected the {CONFIG_FILE} that `python train.py` "
-            "saves in its run directory (model: net: class_path: ...)."
-        )
-    data = raw.get("data")
-    if not isinstance(data, dict | None):
-        raise VisualizeError(f"expected the data: section of {path} to be a mapping, got {data!r}")
-    # The run's FeatureMapCallback, if any: its layers are the visualizer's default layers.
-    trainer = raw.get("trainer") if isinstance(raw.get("trainer"), dict) else {}
-    callbacks = trainer.get("callbacks")
-    found = next(
-        (
-            cb.get("init_args") or {}
-            for cb in (callbacks if isinstance(callbacks, list) else [callbacks])
-            if isinstance(cb, dict)
-            and str(cb.get("class_path", "")).rsplit(".", 1)[-1] == "FeatureMapCallback"
-        ),
-        {},
-    )
-    layers = found.get("layers") if isinstance(found, dict) else None
-    layers = [layers] if isinstance(layers, str) else layers
-    cam_layer = found.get("cam_layer") if isinstance(found, dict) else None
-    return RunConfig(
-        path=path,
-        model=raw["model"],
-        data=data or {},
-        layers=layers
-        if isinstance(layers, list) and all(isinstance(x, str) for x in layers)
-        else None,
-        cam_layer=cam_layer if isinstance(cam_layer, str) else None,
-    )
-
-
-def model_from_config(
-    config: RunConfig, seed: int | None = None
-) -> tuple[ImageClassifier, MNISTDataModule]:
-    """The run's ImageClassifier (in eval mode) and MNISTDataModule, as train.py builds them.
-
-    Built by LightningCLI's own parser (jsonargparse) from the ``model:`` and ``data:``
-    sections, so every ``--model.net`` train.py takes (a class path with ``init_args``, a
-    function such as ``torchvision.models.resnet18`` or ``timm.create_model`` with
-    ``dict_kwargs``, a module of your own) is built the same way. This imports and calls what
-    the config names, as ``python train.py --config`` does: use configs you trust. The global
-    random state is left as it was; ``seed`` seeds the initial weights.
-
-    Raises:
-        VisualizeError: a class that does not import, an argument it does not take, or a
-            value it refuses, in the words of jsonargparse or of the class.
-    """
-    parser = LightningArgumentParser(exit_on_error=False)
-    parser.add_lightning_class_args(ImageClassifier, "model")
-    parser.add_lightning_class_args(MNISTDataModule, "data")
-    # jsonargparse >= 4.49 calls it instantiate(); older ones, as Lightning does, the other name
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    try:
-        cfg = parser.parse_object({"model": config.model, "data": config.data})
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            built = instantiate(cfg)
-    except Exception as err:  # jsonargparse's ArgumentError, or what a constructor raises
-        why = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        raise VisualizeError(
-            f"cannot build the model of {config.path} ({why or type(err).__name__}). Fix its "
-            "model: or data: section, and run from the directory you trained in, so that "
-            "modules of your own import."
-        ) from None
-    return built.model.eval(), built.data
-
-
-def _described(model: nn.Module, config: RunConfig) -> str:
-    """``ImageClassifier(net=timm.models.resnet.ResNet) from logs/.../config.yaml``."""
-    net = getattr(model, "net", None)
-    inner = f"(net={type(net).__module__}.{type(net).__qualname__})" if net is not None else ""
-    return f"{type(model).__name__}{inner} from {config.path}"
-
-
-def _check_takes_mnist(model: nn.Module, what: str) -> None:
-    """One MNIST-shaped zero image through ``model``: a one-line error, not a traceback later."""
-    try:
-        with torch.no_grad(), eval_mode(model):
-            out = model(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE))
-    except Exception as err:
-        why = next(iter(str(err).strip().splitlines()), "")
-        raise VisualizeError(
-            f"the {what} does not take MNIST's 1x{IMAGE_SIZE}x{IMAGE_SIZE} images "
-            f"({type(err).__name__}: {why}); the visualizer feeds what MNISTDataModule, "
-            "train.py's data, feeds: pass the config.yaml of a run trained on it."
-        ) from None
-    if not (isinstance(out, Tensor) and out.dim() == 2 and len(out) == 1):
-        got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
-        raise VisualizeError(
-            f"expected the {what} to return (N, num_classes) logits for MNIST images, got {got}"
-        )
 
 
 # -----------------------------------------------------------------------------
@@ -941,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--cam-layer needs --cam METHOD, e.g. --cam GradCAM")
     try:
         run(args)
-    except VisualizeError as err:
+    except (CheckpointError, VisualizeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -975,7 +629,7 @@ def _networks(args: argparse.Namespace) -> _Networks:
             variants["untrained"] = untrained_model(args.seed)
     else:
         model, data = model_from_config(config, seed=args.seed if not args.ckpt else None)
-        what, ckpt = _described(model, config), {}
+        what, ckpt = describe_model(model, config), {}
         mean, std = float(data.hparams.mean), float(data.hparams.std)
         if args.ckpt:
             trained, ckpt = load_checkpoint(args.ckpt, model, built_from=what)
@@ -984,7 +638,7 @@ def _networks(args: argparse.Namespace) -> _Networks:
             variants["trained"] = trained
         else:
             variants["untrained"] = model
-        _check_takes_mnist(model, what)
+        check_takes_mnist(model, what)
     hp = ckpt.get("datamodule_hyper_parameters")  # the data module's arguments, when recorded
     if (
         isinstance(hp, Mapping)
