@@ -86,7 +86,9 @@ class FeatureMapCallback(Callback):
         examples: top examples per drawn channel (0: off). On a captured epoch the layers are
             also observed during that validation run: for each drawn channel, the validation
             inputs that excite it most, cropped to its receptive field, and the channels that
-            are dead over the whole validation set (``fm_lightning.examples``).
+            are dead over the whole validation set (``fm_lightning.examples``). The rows are
+            the channels the maps draw; with ``order="activation"`` under DDP and without a
+            sanity check, epoch 0's are the first channels (no probe exists yet on every rank).
         dead_warn: warn once per crossing when a layer's fraction of channels dead over the
             whole validation set exceeds this (needs ``examples``); None: never.
         cam: a torchcam method (``"GradCAM"``, ``"GradCAMpp"``, ``"LayerCAM"``, ...; see
@@ -207,6 +209,7 @@ class FeatureMapCallback(Callback):
         self._examples_run = False  # this validation run streams examples (on every rank)
         self._stream_hooks = ExitStack()  # the stream's hooks, open for one validation batch
         self._stream_seen = 0  # inputs this rank has streamed in this run
+        self._channels_from_first_batch = False  # order="activation" before any probe exists
         self._fields: dict[str, ReceptiveField] = {}  # receptive fields, measured once per layer
         self._dead: dict[str, DeadChannels] = {}
         self._capturing = False  # this validation run is the one to draw
@@ -286,6 +289,11 @@ class FeatureMapCallback(Callback):
             if size:
                 indices = indices % size
             self._stream_seen += len(x)
+            if self._channels_from_first_batch:
+                self._channels_from_first_batch = False
+                if capture.num_rows(x) >= self.num_images:  # the probe will be these inputs
+                    probe = capture.take_rows(x, self.num_images)
+                    self._stream.channels = self._drawn_channels(trainer, pl_module, probe)
             self._stream_hooks.enter_context(self._stream.batch(x, indices))
         except Exception as err:
             self._stream = None
@@ -499,21 +507,18 @@ class FeatureMapCallback(Callback):
     def _start_examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Open a stream for this validation run, drawing the channels the maps will draw."""
         channels: dict[str, torch.Tensor] = {}
+        self._channels_from_first_batch = False
         if self.order == "activation":
             # The maps' channels come from the probe, on the same weights as at the end of this
-            # validation. Before any probe exists (the first epoch) the first channels are kept.
+            # validation.
             probe = self._shared_probe(trainer, pl_module)
             if probe is not None:
-                captured, _ = capture.capture(
-                    pl_module,
-                    probe,
-                    self._modules,
-                    max_channels=self.max_channels,
-                    order=self.order,
-                    layouts_by_layer=self.layouts,
-                    stats=False,
-                )
-                channels = {k: c.channels for k, c in captured.items() if c.channels is not None}
+                channels = self._drawn_channels(trainer, pl_module, probe)
+            elif trainer.world_size == 1:
+                # No probe yet (the first validation, without a sanity check): it will be this
+                # run's first inputs, so they choose, before any batch is streamed. Under DDP
+                # rank zero's inputs are not known to the others: the first channels are kept.
+                self._channels_from_first_batch = True
         self._stream_seen = 0
         self._stream = ExampleStream(
             pl_module,
@@ -524,6 +529,22 @@ class FeatureMapCallback(Callback):
             fields=self._fields,
             layouts_by_layer=self.layouts,
         )
+
+    def _drawn_channels(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Any
+    ) -> dict[str, torch.Tensor]:
+        """The channels the maps draw for this probe (order="activation"), per layer."""
+        captured, _ = capture.capture(
+            pl_module,
+            probe,
+            self._modules,
+            max_channels=self.max_channels,
+            order=self.order,
+            layouts_by_layer=self.layouts,
+            stats=False,
+            forward_context=trainer.precision_plugin.forward_context(),
+        )
+        return {k: c.channels for k, c in captured.items() if c.channels is not None}
 
     def _gather_examples(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule

@@ -326,13 +326,18 @@ def test_a_validation_step_that_raises_mid_epoch_leaves_no_hook(tmp_path):
 # ---------------------------------------------------------------- order="activation"
 
 
-def test_order_activation_examples_rows_are_the_channels_the_maps_draw(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sanity_steps", [2, 0], ids=["sanity check", "no sanity check"])
+def test_order_activation_examples_rows_are_the_channels_the_maps_draw(
+    tmp_path, monkeypatch, sanity_steps
+):
+    # Without a sanity check the first validation starts with no probe: its first inputs,
+    # which become the probe, choose the channels before any batch is streamed.
     results = _record(monkeypatch, fm_lightning.callbacks, "examples_grid")
     drawn = _record(monkeypatch, rendering, "feature_grid")
     cb = FeatureMapCallback(
         layers=["conv1", "conv2"], examples=2, max_channels=5, order="activation"
     )
-    _fit(tmp_path, cb, max_epochs=3)
+    _fit(tmp_path, cb, max_epochs=3, num_sanity_val_steps=sanity_steps)
     examples_rows = [args[0].channels.tolist() for args, _ in results]
     maps_columns = [kwargs["channels"].tolist() for _, kwargs in drawn]
     assert len(examples_rows) == 6  # 2 layers x 3 epochs, in the same order as the maps
