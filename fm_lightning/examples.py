@@ -143,6 +143,8 @@ class TopKExamples:
             )
         if len(inputs) != b:
             raise ValueError(f"expected inputs for the {b} maps of act, got {len(inputs)}")
+        if b == 0:
+            return  # an empty batch changes nothing (and has no maximum to take)
         if self._state is None:
             if int(self.channels.max()) >= c:  # checked once: a host read of the indices
                 raise ValueError(
@@ -392,11 +394,10 @@ def crop_at(
     if positions.dim() != 2 or positions.shape[1] != 2 or len(positions) != len(images):
         raise ValueError(f"expected positions of shape ({len(images)}, 2), got {_shape(positions)}")
     positions, images = positions.to(inputs.device), images.to(inputs.device)
-    grid_hw = (
-        (int(positions[:, 0].max()) + 1, int(positions[:, 1].max()) + 1) if len(images) else (1, 1)
-    )
-    win = _grid_windows(rf, inputs.shape[-2:], grid_hw, inputs.device)
-    return _crop(inputs, images, win, positions[:, 0], positions[:, 1])
+    # One window per crop (any position, even off the grid); no overlay, so no grid size.
+    win = _windows_at(rf, inputs.shape[-2:], positions[:, 0], positions[:, 1], (1, 1))
+    each = torch.arange(len(images), device=inputs.device)
+    return _crop(inputs, images, win, each, each)
 
 
 @torch.no_grad()
@@ -610,21 +611,29 @@ def _grid_windows(
     A crop is separable (its rows depend on the grid row only, its columns on the grid column),
     so these small tables give any position's window by two lookups.
     """
+    h, w = grid_hw
+    ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
+    return _windows_at(rf, input_hw, ys, xs, grid_hw)
+
+
+def _windows_at(
+    rf: ReceptiveField, input_hw: tuple[int, int], ys: Tensor, xs: Tensor, grid_hw: tuple[int, int]
+) -> _Windows:
+    """The crop windows around grid rows ``ys`` and grid columns ``xs``, in their order."""
     (height, width), (h, w) = input_hw, grid_hw
 
-    def axis(n_grid: int, size: int, stride: float, offset: float, n_in: int):
+    def axis(at: Tensor, n_grid: int, size: int, stride: float, offset: float, n_in: int):
         # floor(v + 0.5): halves round up everywhere (torch.round's half-to-even would not)
-        at = torch.arange(n_grid, dtype=torch.float64, device=device)
-        start = torch.floor(at * stride + (offset - (size - 1) / 2 + 0.5)).long()  # (n_grid,)
-        pixels = start[:, None] + torch.arange(size, device=device)  # (n_grid, size)
+        start = torch.floor(at.double() * stride + (offset - (size - 1) / 2 + 0.5)).long()
+        pixels = start[:, None] + torch.arange(size, device=at.device)  # (len(at), size)
         inside = (pixels >= 0) & (pixels < n_in)
         pixels = pixels.clamp(0, n_in - 1)
         # the grid cell whose centre is nearest each pixel: the overlay's value there
         cells = torch.floor((pixels.double() - offset) / stride + 0.5).long().clamp(0, n_grid - 1)
         return pixels, inside, cells
 
-    rows, rows_in, cell_rows = axis(h, rf.height, rf.stride[0], rf.offset[0], height)
-    cols, cols_in, cell_cols = axis(w, rf.width, rf.stride[1], rf.offset[1], width)
+    rows, rows_in, cell_rows = axis(ys, h, rf.height, rf.stride[0], rf.offset[0], height)
+    cols, cols_in, cell_cols = axis(xs, w, rf.width, rf.stride[1], rf.offset[1], width)
     return _Windows(rows, rows_in, cols, cols_in, cell_rows, cell_cols)
 
 
@@ -668,11 +677,11 @@ class ExampleStream:
             model(inputs)                         # (B, Cin, H, W) -> each layer's maps streamed
         states = stream.states()                  # {layer: TopKExamples.state()}
 
-    A layer's receptive field is measured once (:func:`receptive_field`, from the first batch)
-    and kept in ``fields`` (pass the same dict again next epoch). Outputs are read with
-    :func:`fm_lightning.layouts.interpret`; a layer whose output is not (B, C, h, w) maps gets
-    an entry in ``errors`` instead. Only a module's first call in a forward is streamed (the
-    field belongs to it). ``channels`` gives the drawn channels per layer; else the first
+    A layer's receptive field is measured once (:func:`receptive_field`, on the first 8 inputs of
+    the first batch) and kept in ``fields`` (pass the same dict again next epoch). Outputs are
+    read with :func:`fm_lightning.layouts.interpret`; a layer whose output is not (B, C, h, w)
+    maps gets an entry in ``errors`` instead. Only a module's first call in a forward is streamed
+    (the field belongs to it). ``channels`` gives the drawn channels per layer; else the first
     ``max_channels``.
     """
 

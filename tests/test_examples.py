@@ -316,10 +316,23 @@ def test_crop_at_maps_grid_positions_to_pixels_and_pads_outside():
     # An even size has no centre pixel: the half rounds up, (1, 4.5) -> rows 0..2, columns 3..6.
     even = crop_at(x[:1], torch.tensor([[0, 0]]), ReceptiveField(3, 4, (1.0, 1.0), (1.0, 4.5)))
     assert torch.equal(even[0, 0], x[0, 0, 0:3, 3:7])
+    # A position off the grid (-1, 0) centres on (-1, 1): rows -2..0, only the last inside.
+    off = crop_at(x[:1], torch.tensor([[-1, 0]]), rf)
+    assert off[0, 0, :2].isnan().all() and torch.equal(off[0, 0, 2, 1:], x[0, 0, 0, 0:4])
     ints = crop_at(x[:1].to(torch.uint8), torch.tensor([[0, 0]]), rf)  # one image, default images
     assert ints.dtype == torch.uint8 and (ints[0, 0, :, 0] == 0).all()
     with pytest.raises(ValueError, match=r"positions of shape \(1, 2\)"):
         crop_at(x[:1], torch.tensor([0, 0]), rf)
+
+
+def test_an_empty_batch_changes_nothing():
+    rf = ReceptiveField(5, 5, (1.0, 1.0), (2.0, 2.0))
+    topk = TopKExamples(2, torch.tensor([0, 1]), rf)
+    topk.update(torch.randn(3, 2, 4, 4), torch.randn(3, 1, 8, 8), torch.arange(3))
+    before = {key: t.clone() for key, t in topk.state().items()}
+    topk.update(torch.zeros(0, 2, 4, 4), torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+    after = topk.state()
+    assert all(torch.equal(before[key], after[key]) for key in before)
 
 
 def test_bad_arguments_name_the_problem():
