@@ -267,20 +267,23 @@ def main(args: Sequence[str] | None = None, default_config: Path | None = DEFAUL
     """Fit, then test the best checkpoint; returns the test metrics. ``args`` default to argv."""
     cli = FMLightningCLI(args, default_config)
     trainer = cli.trainer
-    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
-    # The best checkpoint when one was saved; the weights in memory otherwise (e.g. debug runs).
-    ckpt = (
-        "best"
-        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
-        else None
-    )
-    metrics = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)[0]
-    if trainer.is_global_zero:
-        _print_summary(trainer, metrics)
-    # Lightning leaves the DDP process group up. A gloo group still alive while the interpreter
-    # shuts down can abort a finished run ("terminate called without an active exception").
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    try:
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        # The best checkpoint when one was saved; the weights in memory otherwise (debug runs).
+        ckpt = (
+            "best"
+            if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
+            else None
+        )
+        metrics = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)[0]
+        if trainer.is_global_zero:
+            _print_summary(trainer, metrics)
+    finally:
+        # Lightning leaves the DDP process group up. A gloo group still alive while the
+        # interpreter shuts down can abort the process ("terminate called without an active
+        # exception"), hiding how the run ended.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return metrics
 
 

@@ -344,6 +344,8 @@ def test_order_activation_examples_rows_are_the_channels_the_maps_draw(
     assert examples_rows == maps_columns  # the same channels, in the same order
     # not simply the first channels, else this test could not tell
     assert any(channels != list(range(5)) for channels in maps_columns)
+    if sanity_steps == 0:  # and epoch 0, the case without a probe at its start, in particular
+        assert maps_columns[0] != list(range(5)), maps_columns[0]
 
 
 # ---------------------------------------------------------------- DDP (subprocesses)
