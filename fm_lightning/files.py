@@ -19,20 +19,20 @@ directory while it works, and the kernel releases it when the writer dies, howev
 from __future__ import annotations
 
 import glob
-import io
 import os
 import re
 import secrets
 import shutil
+import struct
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
 from torch import Tensor
 
 try:
@@ -173,10 +173,31 @@ def to_png_bytes(img: Tensor | np.ndarray) -> bytes:
         raise TypeError(f"expected a uint8 image, got dtype {img.dtype}")
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {img.shape}")
-    buf = io.BytesIO()
-    # compress_level=1: 3x faster to encode than the default 6, files within a few percent.
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"expected an image of at least 1x1 pixels, got shape {img.shape}")
+    # Written here rather than by PIL, whose adaptive per-row filter choice costs more than the
+    # compression: every row gets the "Up" filter (the difference from the row above; the
+    # enlarged, banded pictures here repeat rows), then zlib level 1. 2.5x faster than PIL's
+    # compress_level=1 on an examples grid, files no larger; PIL decodes it bit-exactly.
+    h, w, _ = img.shape
+    flat = np.ascontiguousarray(img).reshape(h, w * 3)
+    rows = np.empty((h, 1 + w * 3), dtype=np.uint8)  # a filter-type byte, then the row
+    rows[:, 0] = 2  # Up
+    rows[:1, 1:] = flat[:1]  # the row above the first is zeros
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # modulo 256, as PNG's Up filter is
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"".join(
+        (_PNG_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", zlib.compress(rows, 1)))
+        + (_chunk(b"IEND", b""),)
+    )
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, body, CRC of type + body."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def save_png(img: Tensor | np.ndarray, path: str | os.PathLike) -> Path:

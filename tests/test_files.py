@@ -73,12 +73,23 @@ def test_save_png_overwrites_and_accepts_numpy(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["img.png"]
 
 
-def test_to_png_bytes_round_trips():
-    img = torch.randint(0, 256, (5, 9, 3), dtype=torch.uint8)
+@pytest.mark.parametrize("shape", [(5, 9, 3), (1, 1, 3), (1, 40, 3), (300, 2, 3)])
+def test_to_png_bytes_round_trips(shape):
+    img = torch.randint(0, 256, shape, dtype=torch.uint8)
     data = to_png_bytes(img)
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     with Image.open(io.BytesIO(data)) as im:
+        im.verify()  # every chunk's CRC
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "RGB"
         assert np.array_equal(np.asarray(im), img.numpy())
+
+
+def test_to_png_bytes_reads_a_strided_view_as_its_pixels():
+    img = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    view = img[::2, ::3]  # (4, 4, 3), not contiguous
+    with Image.open(io.BytesIO(to_png_bytes(view))) as im:
+        assert np.array_equal(np.asarray(im), view)
 
 
 def test_to_png_bytes_rejects_bad_images():
@@ -86,6 +97,8 @@ def test_to_png_bytes_rejects_bad_images():
         to_png_bytes(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) image, got shape \(4, 4\)"):
         to_png_bytes(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"expected an image of at least 1x1 pixels, got shape"):
+        to_png_bytes(np.zeros((0, 4, 3), np.uint8))
 
 
 # ---------------------------------------------------------------- debris of killed processes
