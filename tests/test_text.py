@@ -1,0 +1,51 @@
+"""fm_lightning.text: labels stamped from cached glyphs look as PIL draws them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from fm_lightning.text import stamp, text_width
+
+
+def pil_drawn(text: str, color: tuple[int, int, int], size: int, xy=(3, 2), shape=(20, 90)):
+    canvas = Image.new("RGB", (shape[1], shape[0]), (255, 255, 255))
+    ImageDraw.Draw(canvas).text(xy, text, fill=color, font=ImageFont.load_default(size=size))
+    return np.asarray(canvas)
+
+
+@pytest.mark.parametrize(
+    "text", ["74.6", "-0.0123", "1.23e+03", "ch 12", "dead", "\u2013", "nan", "-inf"]
+)
+@pytest.mark.parametrize("color", [(0, 0, 0), (214, 39, 40)])
+def test_stamp_draws_what_pil_draws(text, color):
+    pixels = np.full((20, 90, 3), 255, dtype=np.uint8)
+    stamp(pixels, (3, 2), text, color, size=10)
+    expected = pil_drawn(text, color, 10)
+    assert (pixels != 255).any()  # something was drawn
+    # The same glyphs at the same places: at most a rounding step apart anywhere.
+    assert np.abs(pixels.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_stamp_keeps_the_darker_pixel_and_clips_at_the_edges():
+    pixels = np.full((12, 30, 3), 255, dtype=np.uint8)
+    pixels[:, :5] = 0  # a black band the text runs over
+    stamp(pixels, (-4, -3), "8888888", (200, 0, 0), size=10)  # starts and ends off the canvas
+    assert (pixels[:, :5] == 0).all()  # black stays black under red ink
+    assert ((pixels[:, 5:, 0] == 200) | (pixels[:, 5:, 1] > 0)).all()  # red ink, or lighter
+    assert (pixels[:, 5:, 1] < 255).any()
+
+
+def test_text_width_is_the_pens_advance():
+    assert text_width("") == 0
+    assert text_width("00") == 2 * text_width("0") > 0
+    font = ImageFont.load_default(size=10)
+    assert abs(text_width("-0.0123") - font.getlength("-0.0123")) <= 1
+
+
+def test_stamp_rejects_what_is_not_rgb_uint8():
+    with pytest.raises(ValueError, match=r"expected \(H, W, 3\) uint8 pixels, got \(4, 4\) uint8"):
+        stamp(np.zeros((4, 4), np.uint8), (0, 0), "x", (0, 0, 0))
+    with pytest.raises(ValueError, match=r"got \(4, 4, 3\) float32"):
+        stamp(np.zeros((4, 4, 3), np.float32), (0, 0), "x", (0, 0, 0))
