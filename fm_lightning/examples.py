@@ -11,10 +11,13 @@
     if dead.crossed(0.5): warn(...)  # once per crossing
 
 The score of an input for channel c is the maximum of c's map over positions; the argmax position
-is kept, and the input crop around it covering the channel's receptive field. Memory is
-O(drawn channels x k x crop pixels): a fixed-shape state on the layer's device, merged batch by
-batch, whatever the size of the validation set. Ties are broken by the smaller index, so the result
-is the same for any batching, any order of the stream and any split across processes
+is kept, and the input crop around it covering the channel's receptive field. The state is
+O(drawn channels x k x crop pixels), fixed-shape, on the layer's device. A batch only scores its
+maps and pools the entries that reach a channel's current k-th score (their maps and input rows,
+copied); the pool is ranked into the state, and crops cut for the winners, when it holds 8 states'
+worth of entries or 16 MiB, and at the end. Memory never grows with the validation set. Ties are
+broken by the smaller index, so the result is the same for any batching, any order of the stream,
+any pool size and any split across processes
 (:meth:`TopKExamples.merge`). ``indices`` must identify an input across processes (its dataset
 index); the same index seen twice (DistributedSampler's padding) counts once.
 
@@ -37,12 +40,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from fm_lightning.capture import eval_mode, forward_hooks, match_layer
 from fm_lightning.layouts import LayoutError, interpret
 from fm_lightning.rendering import check_cmap, colorize, normalize_maps
+from fm_lightning.text import stamp
 
 __all__ = [
     "DeadChannels",
@@ -106,6 +109,11 @@ class TopKExamples:
 
     #: Device types where update() may read values on the host (free there) to skip work.
     host_read_devices: frozenset[str] = frozenset({"cpu"})
+    #: Candidates wait in a pool, ranked in bulk (with their crops cut) once they number this
+    #: many times the state's Cd x k slots, or hold ``pool_bytes``, and when the state is read.
+    #: Per batch only the scoring, a filter and two copies run.
+    pool_factor: int = 8
+    pool_bytes: int = 16 * 2**20
 
     def __init__(self, k: int, channels: Tensor, rf: ReceptiveField, overlay: bool = True) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -119,12 +127,14 @@ class TopKExamples:
         self.rf = rf
         self.overlay = overlay
         self._state: dict[str, Tensor] | None = None
+        self._floor: Tensor | None = None  # (Cd,) each channel's k-th score at the last ranking
+        self._pool = _Pool()
         self._windows_key: tuple | None = None
         self._windows_cache: _Windows | None = None
 
     @torch.no_grad()
     def update(self, act: Tensor, inputs: Tensor, indices: Tensor) -> None:
-        """Merge one batch into the top-k.
+        """Add one batch to the top-k.
 
         Args:
             act: (B, C, h, w) the layer's maps for this batch, all channels.
@@ -152,52 +162,95 @@ class TopKExamples:
                 )
             self._state = self._empty(c, inputs, act.device)
             self.channels = self.channels.to(act.device)
+            self._floor = self._state["scores"][:, -1]
         elif self._state["channel_max"].shape != (c,):
             raise ValueError(
                 f"expected act with {len(self._state['channel_max'])} channels, got {c}"
             )
-        s, k, channels, device = self._state, self.k, self.channels, act.device
+        s, channels, device = self._state, self.channels, act.device
         act, inputs = act.detach(), inputs.detach()
-        # On the CPU reading a value on the host is free, so work is skipped where nothing
-        # changes; on an accelerator that read would wait for it, so every slot is computed.
-        host = device.type in self.host_read_devices
         # Each map's best value; a map holding NaN scores -inf: it never wins and never keeps
         # its channel alive. (amax: several times faster than max with indices, which only the
-        # new slots need, below.)
+        # candidates that make it need, when the pool is ranked.)
         best = act.amax(dim=(2, 3)).float().nan_to_num(nan=-math.inf)  # (B, C)
         s["channel_max"] = torch.maximum(s["channel_max"], best.amax(dim=0))
-        scores = best.index_select(1, channels).T  # (Cd, B)
-        if host and not (scores >= s["scores"][:, -1:]).any():
-            return  # no input of this batch reaches any channel's k-th place
-        cd = len(channels)
-        cand_scores = torch.cat([s["scores"], scores], dim=1)  # (Cd, k + B)
-        cand_indices = torch.cat([s["indices"], indices.to(device).long().expand(cd, b)], dim=1)
-        order = _rank(cand_scores, cand_indices)[:, :k]  # (Cd, k) columns of the candidates
-        s["scores"] = cand_scores.gather(1, order)
-        s["indices"] = cand_indices.gather(1, order)
-        new = (order >= k).flatten()  # (Cd*k,): the slot is filled from this batch
-        old = order.clamp(max=k - 1)  # where a kept slot was
-        # The slots to compute: the new ones on the CPU, all of them elsewhere.
-        slots = new.nonzero().flatten() if host else torch.arange(cd * k, device=device)  # (S,)
-        fresh = new[slots]  # (S,)
-        images = (order - k).clamp(min=0).flatten()[slots]  # (S,) batch rows
-        maps_of = channels.repeat_interleave(k)[slots]  # (S,) channels
-        flat = act.flatten(2)[images, maps_of].argmax(dim=1)  # (S,) where the best value is
-        py, px = flat // w, flat % w  # (S,) each, on the layer's grid
-        ch_idx = torch.arange(cd, device=device)[:, None]
+        scores = best.index_select(1, channels)  # (B, Cd)
+        if device.type in self.host_read_devices:
+            # Reading the host is free here: only entries reaching a channel's k-th score (as of
+            # the last ranking; it only rises) can enter its top k.
+            images, rows = (scores >= self._floor).nonzero(as_tuple=True)  # (S,) each
+            if len(images) == 0:
+                return
+        else:
+            # A host read would wait for the device: every entry is a candidate (S = B x Cd).
+            cd = len(channels)
+            images = torch.arange(b, device=device).repeat_interleave(cd)
+            rows = torch.arange(cd, device=device).repeat(b)
+        shape = (inputs.shape[-2:], (h, w))
+        if self._pool.shape not in (None, shape):
+            self._rank_pool()  # another input size: crops of the pooled ones use their own
+        # Copies, not views: later layers (in-place ReLUs) and later batches may overwrite both.
+        self._pool.add(
+            shape,
+            rows=rows,
+            scores=scores[images, rows],
+            indices=indices.to(device).long()[images],
+            maps=act.flatten(2)[images, channels[rows]],  # (S, h*w) the candidates' maps
+            images=images,
+            inputs=inputs,
+        )
+        if len(self._pool) >= self.pool_factor * s["scores"].numel() or (
+            self._pool.nbytes >= self.pool_bytes
+        ):
+            self._rank_pool()
 
-        def move(key: str, values: Tensor) -> None:
-            """Kept entries to their new ranks (block copies), `values` into the new slots."""
-            moved = s[key][ch_idx, old]  # (Cd, k, ...)
-            view = moved.view(cd * k, *moved.shape[2:])
-            view[slots] = torch.where(fresh.view(-1, *[1] * (view.dim() - 1)), values, view[slots])
-            s[key] = moved
+    def _rank_pool(self) -> None:
+        """Rank the state's slots and the pooled candidates together; keep each channel's k best.
 
-        move("positions", torch.stack([py, px], dim=-1))
-        win = self._windows_of(inputs.shape[-2:], (h, w), device)
-        move("crops", _crop(inputs, images, win, py, px))  # (S, Cin, ch, cw)
+        Only the candidates that make it get a position, a crop and an overlay.
+        """
+        pool = self._pool.take()
+        if pool is None:
+            return
+        s, k = self._state, self.k
+        input_hw, (h, w) = pool.pop("shape")
+        cd, device = len(s["scores"]), s["scores"].device
+        slots = cd * k
+        rows = torch.cat([torch.arange(cd, device=device).repeat_interleave(k), pool["rows"]])
+        scores = torch.cat([s["scores"].flatten(), pool["scores"]])  # (Cd*k + P,)
+        indices = torch.cat([s["indices"].flatten(), pool["indices"]])
+        # Grouped by channel; within one, score descending, then index ascending (stable sorts,
+        # last key first).
+        order = indices.argsort(stable=True)
+        order = order[scores[order].argsort(descending=True, stable=True)]
+        order = order[rows[order].argsort(stable=True)]
+        # Every channel has at least its k slots, so its k best are the first k of its group.
+        # (not bincount: on CUDA it reads the maximum on the host)
+        counts = torch.zeros(cd, dtype=torch.long, device=device).scatter_add_(
+            0, rows, torch.ones_like(rows)
+        )
+        starts = counts.cumsum(0) - counts  # (Cd,)
+        keep = order[starts[:, None] + torch.arange(k, device=device)].flatten()  # (Cd*k,)
+        # Each kept slot is an old slot (keep < Cd*k) or a candidate: fixed shapes, no host read.
+        old, new = keep.clamp(max=slots - 1), (keep - slots).clamp(min=0)
+        from_pool = keep >= slots  # (Cd*k,)
+        maps = pool["maps"][new].view(slots, 1, h, w)  # (Cd*k, 1, h, w)
+        where = maps.flatten(1).argmax(dim=1)  # (Cd*k,)
+        py, px = where // w, where % w
+        win = self._windows_of(input_hw, (h, w), device)
+        every = torch.arange(slots, device=device)
+        fresh = {
+            "positions": torch.stack([py, px], dim=-1),
+            "crops": _crop(pool["inputs"], pool["images"][new], win, py, px),
+        }
         if self.overlay:
-            move("overlays", _overlay_at(act, images, maps_of, win, py, px))
+            fresh["overlays"] = _overlay_at(maps, every, torch.zeros_like(every), win, py, px)
+        s["scores"], s["indices"] = scores[keep].view(cd, k), indices[keep].view(cd, k)
+        for key, values in fresh.items():
+            kept = s[key].flatten(0, 1)[old]  # (Cd*k, ...)
+            pick = from_pool.view(-1, *[1] * (kept.dim() - 1))
+            s[key] = torch.where(pick, values, kept).view(cd, k, *kept.shape[1:])
+        self._floor = s["scores"][:, -1]
 
     def _windows_of(
         self, input_hw: tuple[int, int], grid_hw: tuple[int, int], device: torch.device
@@ -217,11 +270,16 @@ class TopKExamples:
         """
         if self._state is None:
             raise RuntimeError("TopKExamples.state() before any update(): no batch was seen")
+        self._rank_pool()
         return {"channels": self.channels.to(self._state["scores"].device), **self._state}
 
     def nbytes(self) -> int:
         """Bytes held by the state: bounded by the layer's shape, never by the batches seen."""
         return sum(t.numel() * t.element_size() for t in (self._state or {}).values())
+
+    def pool_nbytes(self) -> int:
+        """Bytes of the candidates waiting to be ranked: under ``pool_bytes`` plus one batch."""
+        return self._pool.nbytes
 
     def result(self) -> ExamplesResult:
         """This process's top-k (under DDP, :meth:`merge` the ranks' :meth:`state` instead)."""
@@ -294,6 +352,44 @@ class TopKExamples:
         if self.overlay:
             state["overlays"] = torch.zeros(cd, k, rf.height, rf.width, device=device)
         return state
+
+
+class _Pool:
+    """A TopKExamples' candidates since its last ranking: per batch, the entries that may enter
+    the top k, with their maps and copies of the input rows their crops will come from (one row
+    per entry, or the whole batch once when that is fewer)."""
+
+    def __init__(self) -> None:
+        self._batches: list[dict[str, Tensor]] = []
+        self.shape: tuple | None = None  # (input (H, W), grid (h, w)) of every pooled batch
+        self.nbytes = 0
+        self._entries = 0
+        self._rows = 0  # input rows pooled so far
+
+    def __len__(self) -> int:
+        return self._entries
+
+    def add(self, shape: tuple, images: Tensor, inputs: Tensor, **entries: Tensor) -> None:
+        """Pool the (S,) entries of one batch; ``images`` are their rows of ``inputs``."""
+        if len(images) < len(inputs):
+            copied, images = inputs[images], torch.arange(len(images), device=images.device)
+        else:
+            copied = inputs.clone()  # at most one copy of the batch, however many candidates
+        kept = {**entries, "images": images + self._rows, "inputs": copied}
+        self._batches.append(kept)
+        self.shape = shape
+        self.nbytes += sum(t.numel() * t.element_size() for t in kept.values())
+        self._entries += len(images)
+        self._rows += len(copied)
+
+    def take(self) -> dict | None:
+        """Everything pooled, concatenated (and ``shape``), emptying the pool; None if empty."""
+        if not self._batches:
+            return None
+        out = {key: torch.cat([e[key] for e in self._batches]) for key in self._batches[0]}
+        out["shape"] = self.shape
+        self.__init__()
+        return out
 
 
 def receptive_field(
@@ -406,7 +502,7 @@ def examples_grid(
     cmap: str = "inferno",
     overlay: bool = True,
     dead: Tensor | None = None,
-    min_tile_px: int = 48,
+    min_tile_px: int = 40,
 ) -> Tensor:
     """Draw a layer's top-k examples: one row per drawn channel, its k crops best first.
 
@@ -420,7 +516,8 @@ def examples_grid(
         cmap: matplotlib colormap of the overlay.
         overlay: blend the activation over the crops (needs ``result.overlays``).
         dead: (C,) bool, the channels to mark; default ``result.dead``.
-        min_tile_px: tiles are enlarged by an integer factor to at least this size.
+        min_tile_px: tiles are enlarged by an integer factor to at least this size (40: a
+            score such as ``-0.0123`` fits under its tile).
 
     Returns:
         (H, W, 3) uint8 tensor on the CPU.
@@ -447,38 +544,40 @@ def examples_grid(
     rgb = rgb.masked_fill(pad, _OUTSIDE)
     empty = (result.indices.cpu() < 0)[:, :, None, None, None]
     rgb = rgb.masked_fill(empty.expand_as(rgb), _OUTSIDE)
+    tiles = rgb.mul(255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()  # (Cd, k, h, w, 3)
     zoom = max(1, math.ceil(min_tile_px / max(h, w)))
-    tiles = rgb.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)
-    tiles = (
-        tiles.mul(255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
-    )  # (Cd, k, th, tw, 3)
-    th, tw = tiles.shape[2:4]
-    font = ImageFont.load_default(size=_FONT_PX)
+    th, tw = h * zoom, w * zoom
     cell_w, cell_h = tw + _GAP, th + _CAPTION_PX + _GAP
     pixels = np.full((cd * cell_h + _GAP, _LABEL_PX + k * cell_w + _GAP, 3), 255, dtype=np.uint8)
-    # Every tile in one copy: the cells' grid as a (Cd, cell_h, k, cell_w, 3) view of the canvas,
-    # each tile in its cell's top-left corner.
+    # Every tile in one copy, enlarged on the way: the cells' grid as a view of the canvas,
+    # (Cd, h, zoom, k, w, zoom, 3), each tile's pixel broadcast over its zoom x zoom block.
     cells = pixels[_GAP : _GAP + cd * cell_h, _LABEL_PX : _LABEL_PX + k * cell_w]
-    cells.reshape(cd, cell_h, k, cell_w, 3)[:, :th, :, :tw] = tiles.transpose(0, 2, 1, 3, 4)
-    canvas = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(canvas)
-    scores, channels = result.scores.cpu(), result.channels.cpu()
+    blocks = cells.reshape(cd, cell_h, k, cell_w, 3)[:, :th, :, :tw]
+    blocks = blocks.reshape(cd, h, zoom, k, w, zoom, 3)
+    blocks[...] = tiles.transpose(0, 2, 1, 3, 4)[:, :, None, :, :, None]
+    scores, channels = result.scores.cpu().tolist(), result.channels.cpu().tolist()
+    empty = empty.flatten(1).tolist()
+    dead = dead.tolist()
     for r in range(cd):
         top = _GAP + r * cell_h
-        is_dead = bool(dead[channels[r]])
-        color = _DEAD_RGB if is_dead else (0, 0, 0)
-        draw.text((2, top + 2), f"ch {int(channels[r])}", fill=color, font=font)
-        if is_dead:
-            draw.text((2, top + 2 + _FONT_PX + 2), "dead", fill=_DEAD_RGB, font=font)
-            draw.rectangle(
-                (_LABEL_PX - 2, top - 2, _LABEL_PX + k * cell_w - _GAP + 1, top + th + _CAPTION_PX),
-                outline=_DEAD_RGB,
-                width=2,
-            )
+        color = _DEAD_RGB if dead[channels[r]] else (0, 0, 0)
+        stamp(pixels, (2, top + 2), f"ch {channels[r]}", color, _FONT_PX)
+        if dead[channels[r]]:
+            stamp(pixels, (2, top + 2 + _FONT_PX + 2), "dead", _DEAD_RGB, _FONT_PX)
+            # a 2-pixel frame around the row's tiles and captions
+            y0, y1 = top - 2, top + th + _CAPTION_PX + 1
+            x0, x1 = _LABEL_PX - 2, _LABEL_PX + k * cell_w - _GAP + 2
+            for ys, xs in (
+                (slice(y0, y0 + 2), slice(x0, x1)),
+                (slice(y1 - 2, y1), slice(x0, x1)),
+                (slice(y0, y1), slice(x0, x0 + 2)),
+                (slice(y0, y1), slice(x1 - 2, x1)),
+            ):
+                pixels[ys, xs] = _DEAD_RGB
         for j in range(k):
-            caption = "\u2013" if empty[r, j].item() else f"{float(scores[r, j]):.3g}"
-            draw.text((_LABEL_PX + j * cell_w + 1, top + th), caption, fill=color, font=font)
-    return torch.from_numpy(np.asarray(canvas).copy())
+            caption = "\u2013" if empty[r][j] else f"{scores[r][j]:.3g}"
+            stamp(pixels, (_LABEL_PX + j * cell_w + 1, top + th), caption, color, _FONT_PX)
+    return torch.from_numpy(pixels)
 
 
 class DeadChannels:

@@ -137,13 +137,49 @@ def test_ties_go_to_the_smaller_index_whatever_the_stream_order():
     assert_same(forward, backward)
 
 
-def test_streaming_batches_of_any_size_equals_one_shot():
+@pytest.mark.parametrize("pool_factor", [1, 8, 10_000])  # ranked every batch ... only at the end
+def test_streaming_batches_of_any_size_equals_one_shot(monkeypatch, pool_factor):
+    monkeypatch.setattr(TopKExamples, "pool_factor", pool_factor)
     model = Bars()
     images, _, _ = bar_images()
     indices = torch.arange(12)
     one_shot = stream(model, images, indices, [range(12)]).result()
     for batches in ([range(5), [5], range(6, 10), [10, 11]], [[i] for i in reversed(range(12))]):
         assert_same(stream(model, images, indices, batches).result(), one_shot)
+
+
+def test_crops_are_of_the_inputs_as_they_were_when_streamed():
+    # The candidates wait in a pool until they are ranked: a batch tensor overwritten after its
+    # update (a reused buffer, an in-place transform) must not change what is drawn.
+    model = Bars()
+    images, _, _ = bar_images()
+    expected = stream(model, images, torch.arange(12), [range(6), range(6, 12)]).result()
+    rf = receptive_field(model, model.conv, images[:4])
+    topk = TopKExamples(4, torch.tensor([0, 1, 2]), rf)
+    buffer = torch.empty(6, 1, SIZE, SIZE)
+    with torch.no_grad():
+        for rows in (range(6), range(6, 12)):
+            buffer.copy_(images[list(rows)])
+            topk.update(model(buffer), buffer, torch.tensor(list(rows)))
+            buffer.fill_(-5.0)
+    assert topk.pool_nbytes() > 0  # still pooled here: ranked only by result()
+    assert_same(topk.result(), expected)
+
+
+def test_the_pool_stays_under_its_bound_however_long_the_stream(monkeypatch):
+    monkeypatch.setattr(TopKExamples, "pool_bytes", 64 * 2**10)
+    model = Bars()
+    images, _, _ = bar_images()
+    topk = stream(model, images, torch.arange(12), [range(4)], k=4)
+    g = torch.Generator().manual_seed(2)
+    batch_bytes = 16 * (SIZE * SIZE * 4 + 3 * (model(images[:1]).shape[-1] ** 2 * 4 + 40))
+    most = 0
+    with torch.no_grad():
+        for step in range(60):
+            x = torch.rand(16, 1, SIZE, SIZE, generator=g) * (1 + step / 10)  # ever better
+            topk.update(model(x), x, torch.arange(16) + 1000 * step)
+            most = max(most, topk.pool_nbytes())
+    assert 0 < most <= TopKExamples.pool_bytes + batch_bytes
 
 
 def test_the_accelerator_path_without_host_reads_gives_the_same_result(monkeypatch):
@@ -362,19 +398,25 @@ def test_examples_grid_rows_columns_captions_and_dead_mark(tmp_path):
     grid = examples_grid(result)
     plain = examples_grid(result, overlay=False)
     assert grid.dtype == torch.uint8 and grid.shape == plain.shape and grid.shape[2] == 3
-    # 3 rows of 50 px tiles (5 px crops x 10) + captions, 4 columns + a label column.
-    assert grid.shape[0] == 3 * (50 + 12 + 3) + 3 and grid.shape[1] == 36 + 4 * (50 + 3) + 3
+    # 3 rows of 40 px tiles (5 px crops x 8) + captions, 4 columns + a label column.
+    row_h, col_w = 40 + 12 + 3, 40 + 3
+    assert grid.shape[0] == 3 * row_h + 3 and grid.shape[1] == 36 + 4 * col_w + 3
     assert not torch.equal(grid, plain)  # the overlay shows
     red = (grid[..., 0] > 180) & (grid[..., 1] < 80) & (grid[..., 2] < 80)  # (H, W)
     rows_with_red = red.any(dim=1).nonzero().flatten()
-    assert rows_with_red.min() >= 2 * 65  # only the dead channel's row (the third) is marked
-    assert not red[:, :36].any() or red[2 * 65 :, :36].any()
+    assert rows_with_red.min() >= 2 * row_h  # only the dead channel's row (the third) is marked
+    assert red[2 * row_h :, :36].any()  # its label is red
+    # the frame: 2 px around the row's tiles and captions, on all four sides
+    top, bottom = 3 + 2 * row_h - 2, 3 + 2 * row_h + 40 + 12 + 1
+    left, right = 36 - 2, 36 + 4 * col_w - 3 + 2
+    assert red[top : top + 2, left:right].all() and red[bottom - 2 : bottom, left:right].all()
+    assert red[top:bottom, left : left + 2].all() and red[top:bottom, right - 2 : right].all()
     not_dead = examples_grid(result, dead=torch.zeros(3, dtype=torch.bool))
     red = (not_dead[..., 0] > 180) & (not_dead[..., 1] < 80) & (not_dead[..., 2] < 80)
     assert not red.any()
     # Captions: dark text under the tiles, in every column.
-    captions = grid[50:62, 36:].float().mean(dim=2) < 100  # (12, W) the first row's captions
-    assert all(captions[:, 3 + j * 53 : (j + 1) * 53].any() for j in range(4))
+    captions = grid[3 + 40 : 3 + 52, 36:].float().mean(dim=2) < 100  # (12, W) row 1's captions
+    assert all(captions[:, 3 + j * col_w : (j + 1) * col_w].any() for j in range(4))
     save_png(grid, tmp_path / "bars.png")
     with Image.open(tmp_path / "bars.png") as im:
         assert im.size == (grid.shape[1], grid.shape[0])
@@ -425,5 +467,5 @@ def test_real_mnist_conv2_streamed_top_k_equals_brute_force(tmp_path, mnist_dir)
     expected = crop_at(val, result.positions.view(-1, 2), rf, result.indices.view(-1))
     assert torch.equal(result.crops.nan_to_num(9.0), expected.view_as(result.crops).nan_to_num(9.0))
     grid = examples_grid(result)
-    assert grid.shape == (32 * (56 + 12 + 3) + 3, 36 + 9 * (56 + 3) + 3, 3)
+    assert grid.shape == (32 * (42 + 12 + 3) + 3, 36 + 9 * (42 + 3) + 3, 3)  # 14 px crops x 3
     assert np.asarray(grid).std() > 10

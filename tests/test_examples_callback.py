@@ -77,10 +77,10 @@ def _warnings_about_dead(record) -> list[str]:
     return [str(w.message) for w in record if "are dead" in str(w.message)]
 
 
-# Rows of a drawn examples grid (fm_lightning.examples' layout): tiles of at least 48 px,
+# Rows of a drawn examples grid (fm_lightning.examples' layout): tiles of at least 40 px,
 # a 12 px caption and a 3 px gap per row, plus the top gap.
 def _grid_rows(png: np.ndarray, crop_px: int) -> float:
-    tile = crop_px * -(-48 // crop_px)
+    tile = crop_px * -(-40 // crop_px)
     return (png.shape[0] - 3) / (tile + 12 + 3)
 
 
@@ -105,7 +105,7 @@ def test_examples_png_per_layer_per_captured_epoch_and_gallery_data(tmp_path):
     for layer, crop_px in (("conv1", 5), ("conv2", 14)):  # their receptive fields (5 px, 14 px)
         png = _assert_not_blank(os.path.join(root, layer, "examples", "epoch=003.png"))
         assert _grid_rows(png, crop_px) == 6  # max_channels rows
-        assert png.shape[1] == 36 + 4 * (crop_px * -(-48 // crop_px) + 3) + 3  # 4 columns
+        assert png.shape[1] == 36 + 4 * (crop_px * -(-40 // crop_px) + 3) + 3  # 4 columns
 
     # The gallery's data: per captured epoch, the examples' captions and the dead channels.
     history = json.load(open(os.path.join(root, "stats.json")))["history"]
