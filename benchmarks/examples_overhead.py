@@ -17,7 +17,8 @@ Targets (issue 9):
     2. fit time with examples=9 within 2% of examples=0, from the same fits.
     3. the top-k state's bytes, read from the streams of those fits, against the bound
        layers x drawn channels x k x (crop + overlay pixels ...): nothing grows with the
-       validation set.
+       validation set; and the most the candidate pool held between rankings, against
+       TopKExamples.pool_bytes plus one batch's candidates.
     4. process RSS flat over 30 captured epochs (tiny epochs: 2 training and 4 validation
        batches), read after gc.collect() at the end of each validation: its growth after a
        warm-up with examples=9 no larger than the span of the same run with examples=0.
@@ -137,6 +138,17 @@ def _recording_states(self: ExampleStream):
 
 
 ExampleStream.states = _recording_states
+pool_peak: dict[int, int] = {}  # Cd x k slots of a layer -> the most bytes its pool held
+_real_rank_pool = TopKExamples._rank_pool
+
+
+def _recording_rank_pool(self: TopKExamples):
+    slots = self.k * len(self.channels)
+    pool_peak[slots] = max(pool_peak.get(slots, 0), self.pool_nbytes())
+    return _real_rank_pool(self)
+
+
+TopKExamples._rank_pool = _recording_rank_pool
 
 # -----------------------------------------------------------------------------
 # 1 + 2. validation loop and fit time, examples=9 against examples=0
@@ -246,6 +258,23 @@ for layer, n in sizes.items():
     print(f"  {layer}: {n / 2**10:.1f} KiB (bound {expected[layer] / 2**10:.1f} KiB)")
 total = sum(sizes.values())
 print(f"  total {total / 2**10:.1f} KiB; the same in every validation of every fit: {same}")
+# Between rankings the candidates wait in a pool: at most pool_bytes plus one batch's candidates
+# (every drawn map and the batch's inputs, as in the first batches, when every entry qualifies).
+x = dm.val_set.images[:64].float()
+pool_bound = {}
+for layer in LAYERS:
+    net = new_model().net
+    maps = getattr(net, layer)(x if layer == "conv1" else net.pool(torch.relu(net.conv1(x))))
+    drawn = min(maps.shape[1], 32)
+    slots = args.examples * drawn
+    batch = 64 * drawn * (maps[0, 0].numel() * 4 + 8 + 4 + 8 + 8) + x.numel() * 4
+    pool_bound[slots] = (layer, TopKExamples.pool_bytes + batch)
+for slots, (layer, most) in pool_bound.items():
+    print(
+        f"  {layer}: candidate pool at most {pool_peak.get(slots, 0) / 2**20:.2f} MiB "
+        f"(bound {most / 2**20:.2f} MiB: pool_bytes + one batch)"
+    )
+pool_ok = all(pool_peak.get(slots, 0) <= most for slots, (_, most) in pool_bound.items())
 
 # -----------------------------------------------------------------------------
 # 4. RSS over many captured epochs
@@ -312,9 +341,10 @@ common.target(
     f"{fit_ratio:.4f} +- {fit_res:.3f} (median of {args.repeats} paired rounds)",
 )
 common.target(
-    "top-k state within its bound and the same size in every validation",
-    same and all(sizes[layer] <= expected[layer] for layer in sizes),
-    f"{total / 2**10:.1f} KiB for {len(sizes)} layers",
+    "top-k state within its bound and the same size in every validation; pool within its bound",
+    same and all(sizes[layer] <= expected[layer] for layer in sizes) and pool_ok,
+    f"{total / 2**10:.1f} KiB for {len(sizes)} layers, pools at most "
+    f"{sum(pool_peak.values()) / 2**20:.2f} MiB",
 )
 common.target(
     f"RSS flat over {args.captures} captured epochs with examples={args.examples}",

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from fm_lightning.capture import eval_mode, forward_hooks, match_layer
 from fm_lightning.layouts import LayoutError, interpret
 from fm_lightning.rendering import check_cmap, colorize, normalize_maps
-from fm_lightning.text import stamp
+from fm_lightning.text import stamp, text_width
 
 __all__ = [
     "DeadChannels",
@@ -111,7 +111,9 @@ class TopKExamples:
     host_read_devices: frozenset[str] = frozenset({"cpu"})
     #: Candidates wait in a pool, ranked in bulk (with their crops cut) once they number this
     #: many times the state's Cd x k slots, or hold ``pool_bytes``, and when the state is read.
-    #: Per batch only the scoring, a filter and two copies run.
+    #: Per batch only the scoring, a filter and two copies run. Where the host is not read
+    #: (accelerators) every entry is a candidate: a batch pools all its drawn maps and a copy of
+    #: its inputs, so the pool peaks at ``pool_bytes`` plus one such batch.
     pool_factor: int = 8
     pool_bytes: int = 16 * 2**20
 
@@ -516,8 +518,8 @@ def examples_grid(
         cmap: matplotlib colormap of the overlay.
         overlay: blend the activation over the crops (needs ``result.overlays``).
         dead: (C,) bool, the channels to mark; default ``result.dead``.
-        min_tile_px: tiles are enlarged by an integer factor to at least this size (40: a
-            score such as ``-0.0123`` fits under its tile).
+        min_tile_px: tiles are enlarged by an integer factor to at least this size; a column
+            is widened where a score's caption is wider than its tiles.
 
     Returns:
         (H, W, 3) uint8 tensor on the CPU.
@@ -547,7 +549,14 @@ def examples_grid(
     tiles = rgb.mul(255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()  # (Cd, k, h, w, 3)
     zoom = max(1, math.ceil(min_tile_px / max(h, w)))
     th, tw = h * zoom, w * zoom
-    cell_w, cell_h = tw + _GAP, th + _CAPTION_PX + _GAP
+    scores, channels = result.scores.cpu().tolist(), result.channels.cpu().tolist()
+    empty = empty.flatten(1).tolist()
+    captions = [
+        ["\u2013" if empty[r][j] else f"{scores[r][j]:.3g}" for j in range(k)] for r in range(cd)
+    ]
+    # A cell is widened where a caption (say -1.23e+03) is wider than the tile above it.
+    widest = max(text_width(c, _FONT_PX) for row in captions for c in row)
+    cell_w, cell_h = max(tw, widest + 2) + _GAP, th + _CAPTION_PX + _GAP
     pixels = np.full((cd * cell_h + _GAP, _LABEL_PX + k * cell_w + _GAP, 3), 255, dtype=np.uint8)
     # Every tile in one copy, enlarged on the way: the cells' grid as a view of the canvas,
     # (Cd, h, zoom, k, w, zoom, 3), each tile's pixel broadcast over its zoom x zoom block.
@@ -555,8 +564,6 @@ def examples_grid(
     blocks = cells.reshape(cd, cell_h, k, cell_w, 3)[:, :th, :, :tw]
     blocks = blocks.reshape(cd, h, zoom, k, w, zoom, 3)
     blocks[...] = tiles.transpose(0, 2, 1, 3, 4)[:, :, None, :, :, None]
-    scores, channels = result.scores.cpu().tolist(), result.channels.cpu().tolist()
-    empty = empty.flatten(1).tolist()
     dead = dead.tolist()
     for r in range(cd):
         top = _GAP + r * cell_h
@@ -574,8 +581,7 @@ def examples_grid(
                 (slice(y0, y1), slice(x1 - 2, x1)),
             ):
                 pixels[ys, xs] = _DEAD_RGB
-        for j in range(k):
-            caption = "\u2013" if empty[r][j] else f"{scores[r][j]:.3g}"
+        for j, caption in enumerate(captions[r]):
             stamp(pixels, (_LABEL_PX + j * cell_w + 1, top + th), caption, color, _FONT_PX)
     return torch.from_numpy(pixels)
 

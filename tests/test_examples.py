@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -422,6 +423,21 @@ def test_examples_grid_rows_columns_captions_and_dead_mark(tmp_path):
         assert im.size == (grid.shape[1], grid.shape[0])
     with pytest.raises(ValueError, match="overlay=False"):
         examples_grid(stream(model, images, torch.arange(12), [range(12)], overlay=False).result())
+
+
+def test_wide_scores_widen_the_columns_so_captions_never_touch():
+    model = Bars()
+    images, _, _ = bar_images()
+    result = stream(model, images, torch.arange(12), [range(12)], k=4).result()
+    wide = dataclasses.replace(result, scores=-1234.5 - result.scores)  # "-1.24e+03" and the like
+    narrow, grid = examples_grid(result), examples_grid(wide)
+    assert grid.shape[0] == narrow.shape[0] and grid.shape[1] > narrow.shape[1]
+    col_w = (grid.shape[1] - 36 - 3) // 4
+    ink = grid[3 + 40 : 3 + 52].float().mean(dim=2) < 200  # (12, W) the first row's captions
+    for j in range(4):  # every caption inside its own column, clear of the 3 px gap after it
+        start = 36 + j * col_w
+        assert ink[:, start : start + col_w - 3].any()
+        assert not ink[:, start + col_w - 3 : start + col_w].any()
 
 
 @pytest.mark.slow
