@@ -263,8 +263,12 @@ print(f"  total {total / 2**10:.1f} KiB; the same in every validation of every f
 x = dm.val_set.images[:64].float()
 pool_bound = {}
 for layer in LAYERS:
-    net = new_model().net
-    maps = getattr(net, layer)(x if layer == "conv1" else net.pool(torch.relu(net.conv1(x))))
+    net, outputs = new_model().net, []
+    hook = getattr(net, layer).register_forward_hook(lambda m, a, out, got=outputs: got.append(out))
+    with torch.no_grad():
+        net(x)
+    hook.remove()
+    maps = outputs[0]  # (64, C, h, w)
     drawn = min(maps.shape[1], 32)
     slots = args.examples * drawn
     batch = 64 * drawn * (maps[0, 0].numel() * 4 + 8 + 4 + 8 + 8) + x.numel() * 4
