@@ -511,7 +511,8 @@ def examples_grid(
     Each tile is the crop (grayscale from the first channel, or RGB for 3 channels; one range
     for the whole layer, so brightness compares), with the channel's activation blended over it
     when ``overlay`` (one range per row), and the score written under it. Rows are labelled
-    ``ch N``; dead channels get a red label and frame. Outside the input is light grey.
+    ``ch N``; dead channels get a red label and frame. Outside the input is light grey, and so
+    is an empty slot (fewer inputs than k), captioned ``none``.
 
     Args:
         result: from :meth:`TopKExamples.result` or :meth:`TopKExamples.merge`.
@@ -544,15 +545,15 @@ def examples_grid(
         )  # (Cd, k, 3, h, w)
         rgb = (1 - _OVERLAY_ALPHA) * rgb + _OVERLAY_ALPHA * heat
     rgb = rgb.masked_fill(pad, _OUTSIDE)
-    empty = (result.indices.cpu() < 0)[:, :, None, None, None]
-    rgb = rgb.masked_fill(empty.expand_as(rgb), _OUTSIDE)
+    empty = result.indices.cpu() < 0  # (Cd, k)
+    rgb = rgb.masked_fill(empty[:, :, None, None, None].expand_as(rgb), _OUTSIDE)
     tiles = rgb.mul(255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()  # (Cd, k, h, w, 3)
     zoom = max(1, math.ceil(min_tile_px / max(h, w)))
     th, tw = h * zoom, w * zoom
     scores, channels = result.scores.cpu().tolist(), result.channels.cpu().tolist()
-    empty = empty.flatten(1).tolist()
     captions = [
-        ["\u2013" if empty[r][j] else f"{scores[r][j]:.3g}" for j in range(k)] for r in range(cd)
+        ["none" if gone else f"{score:.3g}" for score, gone in zip(row, gone_row, strict=True)]
+        for row, gone_row in zip(scores, empty.tolist(), strict=True)
     ]
     # A cell is widened where a caption (say -1.23e+03) is wider than the tile above it.
     widest = max(text_width(c, _FONT_PX) for row in captions for c in row)

@@ -16,7 +16,7 @@ def pil_drawn(text: str, color: tuple[int, int, int], size: int, xy=(3, 2), shap
 
 
 @pytest.mark.parametrize(
-    "text", ["74.6", "-0.0123", "1.23e+03", "ch 12", "dead", "\u2013", "nan", "-inf"]
+    "text", ["74.6", "-0.0123", "1.23e+03", "ch 12", "dead", "\u2013", "nan", "-inf", "none"]
 )
 @pytest.mark.parametrize("color", [(0, 0, 0), (214, 39, 40)])
 def test_stamp_draws_what_pil_draws(text, color):
@@ -35,6 +35,18 @@ def test_stamp_keeps_the_darker_pixel_and_clips_at_the_edges():
     assert (pixels[:, :5] == 0).all()  # black stays black under red ink
     assert ((pixels[:, 5:, 0] == 200) | (pixels[:, 5:, 1] > 0)).all()  # red ink, or lighter
     assert (pixels[:, 5:, 1] < 255).any()
+
+
+def test_every_character_the_grids_write_has_a_glyph():
+    # A character missing from the font draws as the same box as any other missing one (PIL's
+    # default font has no en dash, for one): scores, labels and "none" must not.
+    from fm_lightning.text import _glyph
+
+    missing = _glyph("\ue000", 10, (0, 0, 0))[0]  # a private-use character: never in a font
+    for ch in "0123456789.-+e chdeadnoneinf":
+        if ch != " ":
+            glyph = _glyph(ch, 10, (0, 0, 0))[0]
+            assert glyph.shape != missing.shape or not np.array_equal(glyph, missing), ch
 
 
 def test_text_width_is_the_pens_advance():
