@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
-from fm_lightning import FeatureMapCallback, MNISTDataModule, SimpleCNN, data
+from fm_lightning import FeatureMapCallback, MNISTDataModule, SimpleCNN, mnist
 from fm_lightning.cli import FMLightningCLI, RunConfigCallback, main
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
@@ -209,7 +209,7 @@ def test_out_of_range_values_are_one_error_line_and_exit_2(
     flag, expected, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "SOURCES", ())  # should a bad value get through, no download
+    monkeypatch.setattr(mnist, "SOURCES", ())  # should a bad value get through, no download
     with pytest.raises(SystemExit) as exit_:
         main(["--config", str(REPO / "configs" / "debug.yaml"), flag])
     assert exit_.value.code == 2

