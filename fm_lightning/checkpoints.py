@@ -121,9 +121,9 @@ def read_checkpoint(path: Path) -> object:
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # What it would call, read from the pickle's opcodes: torch cannot even parse protocol 4
-        # ("Unsupported operand 149", its FRAME), and names only the first refusal otherwise.
-        # Failing that, torch's weights-only unpickler names what it refused on one line.
+        # What it would call, read from the pickle without running it: torch.load cannot even
+        # parse protocol 4 ("Unsupported operand 149", its FRAME), and names only the first
+        # refusal otherwise. Failing that, torch's weights-only unpickler names what it refused.
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = _code_it_would_run(path) or next(
             (line for line in lines if _NEEDS_CODE.search(line)), None
@@ -157,48 +157,75 @@ def read_checkpoint(path: Path) -> object:
 
 def _code_it_would_run(path: Path) -> str | None:
     """What the checkpoint's pickle would import and call outside torch's weights-only allow-list
-    (``"it calls posix.system"``), found by reading its opcodes, which never runs them; None if
-    nothing is, or if the file is no pickle."""
-    try:  # private, so looked up here: without it, only torch's own words are reported
-        from torch._weights_only_unpickler import _get_allowed_globals
-    except ImportError:
-        return None
-    allowed = _get_allowed_globals()  # "module.name" of what torch.load(weights_only=True) takes
+    (``"it calls posix.system"``), read without running it; None if nothing is, or if the file
+    is no pickle."""
+    try:  # torch.save's zip files at its default pickle protocol (2): what Lightning writes
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip file, or a pickle protocol torch's opcode reader cannot parse
+        unsafe = _unsafe(_globals_named_in(path))
+    return f"it calls {', '.join(sorted(unsafe))}" if unsafe else None
+
+
+def _globals_named_in(path: Path) -> list[str]:
+    """Every global ("module.name") the file's pickles import, read with pickletools.
+
+    Kept for what get_unsafe_globals_in_checkpoint cannot read: files that are no zip archive (a
+    bare pickle, torch's legacy format: several pickles, then storage bytes) and pickle protocol
+    >= 4 (torch.save(..., pickle_protocol=4)), whose FRAME its reader refuses ("Unsupported
+    operand 149") and whose STACK_GLOBAL takes the names from strings pushed, maybe memoized,
+    before it."""
     memo: dict[object, object] = {}
     pushed: list[object] = []  # what the last two opcodes (memo ones aside) pushed
-    calls: dict[str, None] = {}  # the disallowed ones, in order, once each
+    found: dict[str, None] = {}  # in order, once each
     try:
         if zipfile.is_zipfile(path):  # torch.save's format: the object is <archive>/data.pkl
             with zipfile.ZipFile(path) as archive:
                 name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
                 stream = io.BytesIO(archive.read(name) if name else b"")
-        else:  # a bare pickle, or torch's legacy format: several pickles, then storage bytes
+        else:
             stream = io.BytesIO(path.read_bytes())
         while stream.tell() < len(stream.getbuffer()):
             for op, arg, _ in pickletools.genops(stream):
                 if op.name == "MEMOIZE":
                     memo[len(memo)] = pushed[-1] if pushed else None
-                    continue
-                if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
                     memo[arg] = pushed[-1] if pushed else None
-                    continue
-                if op.name in ("GLOBAL", "INST"):  # arg: "module name"
-                    target = arg.replace(" ", ".", 1)
+                elif op.name in ("GLOBAL", "INST"):  # arg: "module name"
+                    found[arg.replace(" ", ".", 1)] = None
                 elif op.name == "STACK_GLOBAL":  # module and name are the two strings pushed
                     strings = [x for x in pushed if isinstance(x, str)]
-                    target = ".".join(strings) if len(strings) == 2 else "a function named at load"
+                    found[".".join(strings) if len(strings) == 2 else _UNNAMED] = None
                 elif op.name.startswith("EXT"):
-                    target = "a function from the copyreg extension registry"
+                    found["a function from the copyreg extension registry"] = None
                 else:
                     value = memo.get(arg) if op.name in ("GET", "BINGET", "LONG_BINGET") else arg
                     is_str = "UNICODE" in op.name or op.name.endswith("STRING")
                     pushed = [*pushed[-1:], value if is_str or op.name.endswith("GET") else None]
-                    continue
-                if target not in allowed:
-                    calls[target] = None
     except (ValueError, zipfile.BadZipFile):  # past the pickles (legacy storage), or no pickle
         pass
-    return f"it calls {', '.join(calls)}" if calls else None
+    return list(found)
+
+
+_UNNAMED = "a function named at load"
+
+
+def _unsafe(names: list[str]) -> list[str]:
+    """The ``names`` torch's weights-only allow-list refuses, asked of torch's public API.
+
+    get_unsafe_globals_in_checkpoint is the only public reader of that list, so the names are
+    written as GLOBAL opcodes of a protocol-2 pickle in a minimal torch.save archive (data.pkl
+    and version, the layout torch's serialization notes describe) and handed to it. A name that
+    cannot be written as one (no module part, a newline in it) is refused outright."""
+    lines = [n.rsplit(".", 1) for n in names if "." in n and "\n" not in n and " " not in n]
+    writable = {".".join(parts) for parts in lines}
+    refused = [n for n in names if n not in writable]
+    pickled = b"\x80\x02(" + b"".join(f"c{m}\n{n}\n".encode() for m, n in lines) + b"t."
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("archive/data.pkl", pickled)
+        z.writestr("archive/version", "3\n")
+    archive.seek(0)
+    return refused + torch.serialization.get_unsafe_globals_in_checkpoint(archive)
 
 
 def _state_dict(ckpt: object, path: Path) -> dict[str, Tensor]:
