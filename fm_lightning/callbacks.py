@@ -49,7 +49,7 @@ from fm_lightning.examples import (
 from fm_lightning.files import safe_path_part
 from fm_lightning.gallery import CAM_DIR
 from fm_lightning.layouts import check_layout, interpret
-from fm_lightning.publishing import LocalRun, Picture, publish, publish_gifs
+from fm_lightning.publishing import LocalRun, Picture, publish, publish_gifs, without_pictures
 
 # Keys tried, in order, when a batch is a dict and no input_key/input_fn was given.
 _DICT_INPUT_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
@@ -235,6 +235,15 @@ class FeatureMapCallback(Callback):
             raise ValueError(
                 "FeatureMapCallback: expected each FeatureMapCallback in one Trainer to have its "
                 f"own `name` (or `save_dir`), got two writing to {self.local_dir}"
+            )
+        for logger in without_pictures(trainer.loggers):
+            if f"no pictures:{id(logger)}" in self._warned:
+                continue  # once per logger, not again at each stage's setup
+            self._warned.add(f"no pictures:{id(logger)}")
+            rank_zero_warn(
+                f"FeatureMapCallback: {type(logger).__name__} receives no pictures (only W&B, "
+                "TensorBoard, MLflow and Comet take them), only the feature statistics; the "
+                f"pictures are written to {self.local_dir}"
             )
 
     @override

@@ -5,22 +5,47 @@
     publish(trainer.loggers, pictures, scalars, step=120, local=local, on_error=warn)
     publish_gifs(trainer.loggers, root, step=600, on_error=warn)     # at the end of fit
 
-A picture is an (H, W, 3) uint8 tensor with a tag (the logger key: W&B and TensorBoard use it as
-it is) and a path under the local directory (the layout :mod:`fm_lightning.gallery` reads). Feature
-maps, top-k examples and class-activation maps all go through here, so every destination gets every
-kind of picture the same way. A destination that fails is reported through ``on_error(cause, err)``
-and the others still get theirs.
+A picture is an (H, W, 3) uint8 tensor with a tag (the logger key, e.g. ``feature_maps/conv1``),
+a caption, and a path under the local directory (the layout :mod:`fm_lightning.gallery` reads).
+Feature maps, top-k examples and class-activation maps all go through here, so every destination
+gets every kind of picture the same way. A destination that fails is reported through
+``on_error(cause, err)`` and the others still get theirs.
+
+What each of Lightning's loggers receives (scalars: every logger, through ``log_metrics``):
+
+    WandbLogger        wandb.Image rows with captions, in the same history row as the scalars
+    TensorBoardLogger  image summaries whose description is the caption; TensorBoard shows the
+                       first step's, so every step's caption is in the Text tab too
+                       (<key>/caption/text_summary)
+    MLFlowLogger       images at their step (MlflowClient.log_image, the "images at a step" the
+                       MLflow UI shows) and captions/step=<N>.json: {key: caption}
+    CometLogger        Experiment.log_image at the step, the caption in its metadata
+    CSVLogger          no pictures (a metrics table): they are the PNG files beside it
+    any other          no pictures: :func:`without_pictures` names it, for one warning
+
+A logger's ``prefix`` goes before the key as its own metrics get it: with LOGGER_JOIN_CHAR ("-"),
+or "_" for Comet, which joins its prefix itself. MLflow accepts only ``[A-Za-z0-9_-./ ]`` in an
+image key, so other characters (``pool@2``) become "_" there.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import (
+    CometLogger,
+    CSVLogger,
+    Logger,
+    MLFlowLogger,
+    TensorBoardLogger,
+    WandbLogger,
+)
 from torch import Tensor
 
 from fm_lightning import gallery
@@ -62,11 +87,9 @@ def publish(
             if isinstance(logger, WandbLogger):
                 _log_wandb(logger, pictures, scalars, step)
                 continue
-            if isinstance(logger, TensorBoardLogger):
-                for pic in pictures:
-                    logger.experiment.add_image(
-                        pic.tag, pic.image, global_step=step, dataformats="HWC"
-                    )
+            send = next((f for kind, f in _SENDERS.items() if isinstance(logger, kind)), None)
+            if send is not None and pictures:
+                send(logger, pictures, step)
             if scalars:
                 logger.log_metrics(dict(scalars), step=step)
         except Exception as err:
@@ -84,6 +107,13 @@ def publish(
         gallery.write_index(local.root, title=local.title)
     except Exception as err:
         on_error("files", err)
+
+
+def without_pictures(loggers: Sequence[Logger]) -> list[Logger]:
+    """The loggers :func:`publish` hands scalars only (CSVLogger aside: its pictures are the PNGs
+    written beside it)."""
+    known = (WandbLogger, CSVLogger, *_SENDERS)
+    return [logger for logger in loggers if not isinstance(logger, known)]
 
 
 def publish_gifs(loggers: Sequence[Logger], root: str, step: int, on_error: OnError) -> None:
@@ -124,3 +154,61 @@ def _log_wandb(
         pic.tag: wandb.Image(np.asarray(pic.image), caption=pic.caption) for pic in pictures
     }
     logger.log_metrics({**row, **scalars}, step=step)
+
+
+def _key(logger: Logger, tag: str) -> str:
+    """``tag`` as ``logger`` names its own metrics: after its prefix, if it has one."""
+    # Lightning keeps a logger's prefix in the private `_prefix` its log_metrics reads; there is
+    # no public accessor. Comet joins it with "_" itself (Experiment._log_metrics).
+    prefix = getattr(logger, "_prefix", None)
+    if not prefix:
+        return tag
+    join = "_" if isinstance(logger, CometLogger) else getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    return f"{prefix}{join}{tag}"
+
+
+def _log_tensorboard(logger: TensorBoardLogger, pictures: Sequence[Picture], step: int) -> None:
+    from torch.utils.tensorboard.summary import image
+
+    # add_image takes no description; TensorBoard reads it from the summary's metadata (its
+    # data_compat carries summary_description over when it converts an image value), so the
+    # summary is built here and written through the writer's own FileWriter. TensorBoard shows
+    # one description per image series, the first step's (each caption names its epoch and
+    # step), so every step's caption also goes to the Text tab (<key>/caption/text_summary).
+    writer = logger.experiment
+    for pic in pictures:
+        key = _key(logger, pic.tag)
+        summary = image(key, pic.image, dataformats="HWC")
+        summary.value[0].metadata.plugin_data.plugin_name = "images"
+        summary.value[0].metadata.summary_description = pic.caption
+        writer._get_file_writer().add_summary(summary, step)
+        if pic.caption:
+            writer.add_text(f"{key}/caption", pic.caption, global_step=step)
+
+
+def _log_mlflow(logger: MLFlowLogger, pictures: Sequence[Picture], step: int) -> None:
+    client, run_id = logger.experiment, logger.run_id
+    keys = [re.sub(r"[^A-Za-z0-9_\-./ ]", "_", _key(logger, pic.tag)) for pic in pictures]
+    for key, pic in zip(keys, pictures, strict=True):
+        client.log_image(run_id, np.asarray(pic.image), key=key, step=step)
+    # MLflow's images have no caption: one small JSON per step keeps them, keyed like the images.
+    captions = {key: pic.caption for key, pic in zip(keys, pictures, strict=True)}
+    client.log_text(run_id, json.dumps(captions, indent=1), f"captions/step={step}.json")
+
+
+def _log_comet(logger: CometLogger, pictures: Sequence[Picture], step: int) -> None:
+    for pic in pictures:
+        logger.experiment.log_image(
+            np.asarray(pic.image),
+            name=_key(logger, pic.tag),
+            step=step,
+            metadata={"caption": pic.caption},
+        )
+
+
+# The loggers that get pictures besides W&B (whose pictures share one row with the scalars).
+_SENDERS: dict[type, Callable[[Any, Sequence[Picture], int], None]] = {
+    TensorBoardLogger: _log_tensorboard,
+    MLFlowLogger: _log_mlflow,
+    CometLogger: _log_comet,
+}
