@@ -279,12 +279,14 @@ def test_slider_arrow_keys_and_play_change_the_epoch_shown(open_page, run_dir):
     assert page.text_content(".layer:nth-child(3) .note") == "showing epoch 0"
     page.wait_for_function(ALL_IMAGES_LOADED)
 
+    # Playwright's clock drives the play timer, so no check depends on how fast the page runs.
+    page.clock.install()
     page.click("#play")
-    page.wait_for_function("document.getElementById('epoch-label').textContent === 'epoch 2'")
+    page.clock.run_for(700)  # one step of the 700 ms timer
+    assert label(page) == "epoch 2"
     page.click("#play")  # pause: the epoch stays put
-    paused = label(page)
-    page.wait_for_timeout(900)
-    assert label(page) == paused
+    page.clock.run_for(700 * 4)  # four more steps, had it kept playing: epoch 0
+    assert label(page) == "epoch 2"
     assert page.errors == []
 
 
