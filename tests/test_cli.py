@@ -261,7 +261,7 @@ def test_train_py_on_two_ddp_processes_exits_cleanly_with_one_run_directory(tmp_
 
 @pytest.mark.slow
 def test_runs_started_together_get_their_own_complete_directories(tmp_path, mnist_dir):
-    n = 3
+    n = 2  # two runs released at one moment race for a directory as three do, in 2/3 the time
     barrier = tmp_path / "go"
     args = [
         "--config",
