@@ -31,7 +31,6 @@ import time
 import common
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import CSVLogger
 
 from fm_lightning import FeatureMapCallback, ImageClassifier, MNISTDataModule, SimpleCNN, capture
 
@@ -58,19 +57,8 @@ dm.setup("fit")  # every fit below reuses these in-memory splits
 
 
 def make_trainer(log_dir: str, callbacks: list, **overrides) -> pl.Trainer:
-    kwargs = dict(
-        max_epochs=args.epochs,
-        limit_train_batches=args.train_batches,
-        logger=CSVLogger(log_dir),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator=device.type,
-        devices=1,
-        callbacks=callbacks,
-    )
-    kwargs.update(overrides)
-    return pl.Trainer(**kwargs)
+    kwargs = dict(max_epochs=args.epochs, limit_train_batches=args.train_batches)
+    return common.quiet_trainer(log_dir, callbacks, device, **{**kwargs, **overrides})
 
 
 def new_model() -> ImageClassifier:

@@ -241,3 +241,20 @@ def rss_bytes() -> int:
     """Resident set size of this process, from /proc/self/statm (Linux; no psutil needed)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE_SIZE
+
+
+def quiet_trainer(log_dir: str, callbacks: list, device: torch.device, **kwargs):
+    """A one-device Trainer that logs to a CSV file under ``log_dir`` and prints nothing."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    return pl.Trainer(
+        logger=CSVLogger(log_dir),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator=device.type,
+        devices=1,
+        callbacks=callbacks,
+        **kwargs,
+    )

@@ -44,7 +44,6 @@ import lightning.pytorch as pl
 import timm
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import fm_lightning.callbacks
@@ -174,20 +173,16 @@ def fit_seconds(examples: int) -> float:
     spent.clear()
     seconds: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(
-            max_epochs=args.epochs,
-            limit_train_batches=args.train_batches,
-            logger=CSVLogger(tmp),
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator=device.type,
-            devices=1,
-            callbacks=[
+        trainer = common.quiet_trainer(
+            tmp,
+            [
                 ValidationClock(seconds, starts=True),
                 new_callback(examples),
                 ValidationClock(seconds, starts=False),
             ],
+            device=device,
+            max_epochs=args.epochs,
+            limit_train_batches=args.train_batches,
         )
         model = new_model()
         with common.Timer(device) as t:
@@ -302,17 +297,13 @@ def rss_over_epochs(examples: int) -> list[int]:
                 readings.append(common.rss_bytes())
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(
+        trainer = common.quiet_trainer(
+            tmp,
+            [new_callback(examples), Reader()],
+            device=device,
             max_epochs=args.captures,
             limit_train_batches=2,
             limit_val_batches=4,
-            logger=CSVLogger(tmp),
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator=device.type,
-            devices=1,
-            callbacks=[new_callback(examples), Reader()],
         )
         trainer.fit(new_model(), datamodule=dm)
     return readings
@@ -358,21 +349,17 @@ def resnet_validation_seconds(examples: int) -> float:
     net = timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1)
     loader = DataLoader(TensorDataset(images, labels), batch_size=64)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(
-            max_epochs=1,
-            limit_train_batches=1,
-            num_sanity_val_steps=0,
-            logger=CSVLogger(tmp),
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator=device.type,
-            devices=1,
-            callbacks=[
+        trainer = common.quiet_trainer(
+            tmp,
+            [
                 ValidationClock(seconds, starts=True),
                 new_callback(examples, RESNET_LAYERS),
                 ValidationClock(seconds, starts=False),
             ],
+            device=device,
+            max_epochs=1,
+            limit_train_batches=1,
+            num_sanity_val_steps=0,
         )
         trainer.fit(ImageClassifier(net), train_dataloaders=loader, val_dataloaders=loader)
     assert len(seconds) == 1, seconds
