@@ -278,7 +278,10 @@ class FeatureMapCallback(Callback):
         self._capturing = _is_captured(trainer, self.every_n_epochs)
         self._stream = None
         self._examples_run = self._capturing and self.examples > 0  # the same on every rank
-        if self._examples_run and not self._disabled:
+        # Under DDP a rank that cannot read its batches still starts (the collectives in
+        # _start_examples wait for every rank); its stream fails at its first batch, and then
+        # _gather_examples gathers nothing on any rank.
+        if self._examples_run and not (self._disabled and trainer.world_size == 1):
             try:
                 self._start_examples(trainer, pl_module)
             except Exception as err:

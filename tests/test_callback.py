@@ -669,6 +669,22 @@ def test_ddp_ranks_that_disagree_neither_hang_nor_stop_training(tmp_path, fail_r
     assert len(pngs) == (0 if fail_rank == 0 else 2)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_rank", [0, 1])
+def test_ddp_ranks_that_disagree_with_examples_on_neither_hang_nor_stop_training(
+    tmp_path, fail_rank
+):
+    # examples=2 adds collectives when a validation starts (the slots every rank keeps): the
+    # rank that cannot read its batches must still take part in them.
+    script = os.path.join(SCRIPTS, "ddp_fit.py")
+    args = [script, str(tmp_path), "--fail-on-rank", str(fail_rank), "--examples", "2"]
+    out = _run(args, cwd=tmp_path, timeout=180)
+    assert "rank=0" in out and "rank=1" in out  # both ranks finished fit
+    assert len(_pngs(tmp_path / "maps" / "conv1")) == (0 if fail_rank == 0 else 2)
+    # ranks that disagree gather no examples: none drawn, none half-merged
+    assert not (tmp_path / "maps" / "conv1" / "examples").exists()
+
+
 # ---------------------------------------------------------------- folders of their own
 
 
