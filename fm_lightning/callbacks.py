@@ -9,23 +9,26 @@ or, from any LightningCLI script, by class path alone:
         --trainer.callbacks.layers=[conv1]
 
 How it works: the first validation batches give a fixed probe of ``num_images`` inputs (kept in the
-callback's ``state_dict``, so it survives resuming). At the end of the last validation of a captured
-epoch, a copy of the probe goes through the model once more (``fm_lightning.capture``: eval mode, no
-gradients, eager even for compiled models, hooks on the chosen layers for that pass only). Each
-layer's output is read as maps or features (``fm_lightning.layouts``), the channels to draw are
-picked on the device, and rank zero renders them (``fm_lightning.rendering``) and hands them to
-every logger and the local files (``fm_lightning.publishing``). Nothing here can stop training: a
-failure warns once per cause and the run goes on (``strict=True`` raises instead).
+callback's ``state_dict``, so it survives resuming). At the end of a captured validation (the last
+of a captured epoch, or, in a fit whose validations are step-based, each one: a frame named by its
+global step, ``step=NNNNNN``), a copy of the probe goes through the model once more
+(``fm_lightning.capture``: eval mode, no gradients, eager even for compiled models, hooks on the
+chosen layers for that pass only). Each layer's output is read as maps or features
+(``fm_lightning.layouts``), the channels to draw are picked on the device, and rank zero renders
+them (``fm_lightning.rendering``) and hands them to every logger and the local files
+(``fm_lightning.publishing``). Nothing here can stop training: a failure warns once per cause and
+the run goes on (``strict=True`` raises instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -39,15 +42,17 @@ from typing_extensions import override
 from fm_lightning import capture, rendering
 from fm_lightning.cam import cam_caption, cam_grid, check_cam_method, class_activation_maps
 from fm_lightning.examples import (
+    MAX_EXAMPLES,
     DeadChannels,
     ExamplesResult,
     ExampleStream,
     ReceptiveField,
     TopKExamples,
+    content_ids,
     examples_grid,
 )
-from fm_lightning.files import safe_path_part
-from fm_lightning.gallery import CAM_DIR
+from fm_lightning.files import distinct_path_parts, safe_path_part
+from fm_lightning.gallery import CAM_DIR, RESERVED_NAMES
 from fm_lightning.layouts import check_layout, interpret
 from fm_lightning.publishing import LocalRun, Picture, publish, publish_gifs, without_pictures
 
@@ -65,8 +70,11 @@ class FeatureMapCallback(Callback):
             :func:`fm_lightning.capture.resolve_layers`. Resolved when fitting starts, after
             ``configure_model()``, so layers built there can be named too.
         every_n_epochs: capture at the validation of epochs n-1, 2n-1, ... (Lightning's count,
-            as in ``check_val_every_n_epoch``). With several validations per epoch
-            (``val_check_interval``), the last one of the epoch is drawn.
+            as in ``check_val_every_n_epoch``). With several validations per epoch at fractions
+            of it (a float ``val_check_interval``), the last one of the epoch is drawn, as
+            ``epoch=N``. In a step-based fit (an int or time ``val_check_interval``, or
+            ``check_val_every_n_epoch=None``) every validation of a captured epoch is drawn, as
+            ``step=N`` (the global step). A fit that can reach none warns at its start.
         num_images: probe images, taken from the first validation batches.
         max_channels: channels drawn per layer (rows are images, columns channels).
         save_dir: where the PNGs and ``index.html`` go (always written, whatever the loggers).
@@ -83,7 +91,8 @@ class FeatureMapCallback(Callback):
             ``{pattern: layout}`` with a layout from :data:`fm_lightning.layouts.LAYOUTS` or a
             function ``output tensor -> (N, C, H, W) or (N, F)``, e.g. ``{"blocks.*": "tokens"}``.
         log_stats: also log per-layer mean, std, fraction of zeros and dead channels as scalars.
-        examples: top examples per drawn channel (0: off). On a captured epoch the layers are
+        examples: top examples per drawn channel (0: off, at most 100; no more than the
+            validation set holds are kept). On a captured epoch the layers are
             also observed during that validation run: for each drawn channel, the validation
             inputs that excite it most, cropped to its receptive field, and the channels that
             are dead over the whole validation set (``fm_lightning.examples``). The rows are
@@ -92,11 +101,12 @@ class FeatureMapCallback(Callback):
         dead_warn: warn once per crossing when a layer's fraction of channels dead over the
             whole validation set exceeds this (needs ``examples``); None: never.
         cam: a torchcam method (``"GradCAM"``, ``"GradCAMpp"``, ``"LayerCAM"``, ...; see
-            :data:`fm_lightning.cam.CAM_METHODS`) drawing where the model looks for its
-            predicted and true class on the probe, every captured epoch; None: off.
+            :data:`fm_lightning.cam.CAM_METHODS`; any case, ``++`` for ``pp``) drawing where the
+            model looks for its predicted and true class on the probe, every captured epoch; None:
+            off.
         cam_layer: the layer the CAM is taken at (a name or pattern matching one module, read
             with ``layouts`` like ``layers``); None: torchcam's choice, the last layer with a
-            spatial output.
+            spatial output. Given without ``cam``: a ValueError.
         target_fn: ``batch -> (N,) true classes`` for the CAM's true-class maps. Default: the
             second element of an ``(x, y)`` batch, or a ``"label(s)"``/``"target(s)"``/``"y"``
             key of a dict batch, when it holds N integer classes.
@@ -163,8 +173,14 @@ class FeatureMapCallback(Callback):
                 checked_layouts[pattern] = check_layout(layout)
             except ValueError as err:
                 raise ValueError(f"layouts[{pattern!r}]: {err}") from None
-        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
-            raise ValueError(f"expected `examples` to be an int >= 0, got {examples!r}")
+        if (
+            isinstance(examples, bool)
+            or not isinstance(examples, int)
+            or not 0 <= examples <= MAX_EXAMPLES
+        ):
+            raise ValueError(
+                f"expected `examples` to be an int in [0, {MAX_EXAMPLES}], got {examples!r}"
+            )
         if dead_warn is not None and (
             isinstance(dead_warn, bool)
             or not isinstance(dead_warn, (int, float))
@@ -172,9 +188,14 @@ class FeatureMapCallback(Callback):
         ):
             raise ValueError(f"expected `dead_warn` in [0, 1] or None, got {dead_warn!r}")
         if cam is not None:
-            check_cam_method(cam)
+            cam = check_cam_method(cam)  # its canonical name: "gradcam++" -> "GradCAMpp"
         if cam_layer is not None and (not isinstance(cam_layer, str) or not cam_layer):
             raise ValueError(f"expected `cam_layer` to be a layer name or None, got {cam_layer!r}")
+        if cam_layer is not None and cam is None:
+            raise ValueError(
+                f"expected `cam` (a method such as 'GradCAM') with `cam_layer`, got "
+                f"cam_layer={cam_layer!r} and cam=None: pass cam=..., or drop cam_layer"
+            )
         if target_fn is not None and not callable(target_fn):
             raise ValueError(f"expected `target_fn` to be callable, got {type(target_fn).__name__}")
         if name is not None and (not isinstance(name, str) or not name):
@@ -208,7 +229,6 @@ class FeatureMapCallback(Callback):
         self._stream: ExampleStream | None = None  # top-k examples of a captured validation run
         self._examples_run = False  # this validation run streams examples (on every rank)
         self._stream_hooks = ExitStack()  # the stream's hooks, open for one validation batch
-        self._stream_seen = 0  # inputs this rank has streamed in this run
         self._channels_from_first_batch = False  # order="activation" before any probe exists
         self._fields: dict[str, ReceptiveField] = {}  # receptive fields, measured once per layer
         self._dead: dict[str, DeadChannels] = {}
@@ -254,6 +274,8 @@ class FeatureMapCallback(Callback):
                 "FeatureMapCallback: this fit has no validation loop (no validation_step, no "
                 "val dataloader, or limit_val_batches=0), so no feature maps will be logged."
             )
+        elif (why := _nothing_drawn(trainer, self.every_n_epochs)) is not None:
+            rank_zero_warn(f"FeatureMapCallback: nothing will be drawn in this fit: {why}.")
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -265,7 +287,10 @@ class FeatureMapCallback(Callback):
         self._capturing = _is_captured(trainer, self.every_n_epochs)
         self._stream = None
         self._examples_run = self._capturing and self.examples > 0  # the same on every rank
-        if self._examples_run and not self._disabled:
+        # Under DDP a rank that cannot read its batches still starts (the collectives in
+        # _start_examples wait for every rank); its stream fails at its first batch, and then
+        # _gather_examples gathers nothing on any rank.
+        if self._examples_run and not (self._disabled and trainer.world_size == 1):
             try:
                 self._start_examples(trainer, pl_module)
             except Exception as err:
@@ -289,15 +314,13 @@ class FeatureMapCallback(Callback):
                     "expected the model input to be one (N, C, H, W) tensor for examples, got "
                     f"{_describe(x)}"
                 )
-            # Dataset indices under Lightning's samplers (sequential, or DistributedSampler's
-            # rank-strided shards, padded with the first inputs again), so all ranks'
-            # candidates merge as one process's would and a padded input counts once.
-            seen = self._stream_seen + torch.arange(len(x), device=x.device)
-            indices = seen * trainer.world_size + trainer.global_rank
-            size = _dataset_size(trainer)
-            if size:
-                indices = indices % size
-            self._stream_seen += len(x)
+            if len(x) == 0:
+                return  # an empty batch: nothing to stream, and the next batch may choose
+            # Inputs are told apart by content, whatever sampler gave them to this rank
+            # (DistributedSampler's strided shards padded with the first inputs again, a custom
+            # one, each rank its own data), so all ranks' candidates merge as one process's
+            # would and an input seen twice counts once.
+            indices = content_ids(x)
             if self._channels_from_first_batch:
                 self._channels_from_first_batch = False
                 if capture.num_rows(x) >= self.num_images:  # the probe will be these inputs
@@ -374,8 +397,9 @@ class FeatureMapCallback(Callback):
                     "fused kernel that bypasses the module (fused attention), or a branch the "
                     "forward skips for these inputs.",
                 )
-            pictures = self._cam_pictures(trainer, pl_module)
-            self._log(trainer, trainer.current_epoch, captured, examples, pictures)
+            frame = _frame(trainer)
+            pictures = self._cam_pictures(trainer, pl_module, frame)
+            self._log(trainer, frame, captured, examples, pictures)
 
     @override
     def on_exception(
@@ -528,16 +552,22 @@ class FeatureMapCallback(Callback):
                 # run's first inputs, so they choose, before any batch is streamed. Under DDP
                 # rank zero's inputs are not known to the others: the first channels are kept.
                 self._channels_from_first_batch = True
-        self._stream_seen = 0
         self._stream = ExampleStream(
             pl_module,
             self._modules,
-            k=self.examples,
+            k=self._examples_kept(pl_module, trainer),
             max_channels=self.max_channels,
             channels=channels,
             fields=self._fields,
             layouts_by_layer=self.layouts,
         )
+
+    def _examples_kept(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> int:
+        """``examples``, or fewer when the validation set holds fewer inputs (all ranks': a
+        state's slots have one shape on every rank, for all_gather)."""
+        size = _validation_inputs(trainer)
+        local = torch.tensor(self.examples if size is None else min(size, self.examples))
+        return int(pl_module.all_gather(local.to(pl_module.device)).sum().clamp(1, self.examples))
 
     def _drawn_channels(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Any
@@ -584,10 +614,14 @@ class FeatureMapCallback(Callback):
             return {}
 
     def _example_pictures(
-        self, epoch: int, results: dict[str, ExamplesResult], scalars: dict[str, float]
+        self,
+        frame: _Frame,
+        results: dict[str, ExamplesResult],
+        scalars: dict[str, float],
+        folders: dict[str, str],
     ) -> tuple[list[Picture], dict[str, dict[int, int]]]:
         """Rank zero: one examples grid per layer; dead channels over the whole validation set."""
-        pictures, dead_since = [], {}
+        pictures, dead_since, epoch = [], {}, frame.epoch
         for layer, result in results.items():
             dead = self._dead.setdefault(layer, DeadChannels())
             dead.update(epoch, result.dead.cpu())
@@ -598,7 +632,7 @@ class FeatureMapCallback(Callback):
                     f"(never above 0 on the validation set) at epoch {epoch}, over "
                     f"dead_warn={self.dead_warn}: channels {dead.channels}."
                 )
-            folder = safe_path_part(layer)
+            folder = folders[layer]
             dead_since[folder] = dict(dead.since)
             try:
                 grid = examples_grid(result, cmap=self.cmap)
@@ -607,17 +641,19 @@ class FeatureMapCallback(Callback):
                 continue
             shown = result.channels.tolist()
             caption = (
-                f"epoch {epoch}: top {self.examples} validation inputs of channels "
+                f"{frame.text}: top {result.scores.shape[1]} validation inputs of channels "
                 f"{_ranges(shown)}, cropped to the receptive field; dead: "
                 f"{_ranges(dead.channels) or 'none'}"
             )
-            path = f"{folder}/examples/epoch={epoch:03d}.png"
+            path = f"{folder}/examples/{frame.stem}.png"
             pictures.append(Picture(f"feature_examples/{layer}", path, grid, caption))
         return pictures, dead_since
 
     # ------------------------------------------------------------------ class activation maps
 
-    def _cam_pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Picture]:
+    def _cam_pictures(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, frame: _Frame
+    ) -> list[Picture]:
         """Rank zero: where the model looks on the probe, for its predicted and true classes."""
         if self.cam is None or self._disabled:
             return []
@@ -659,9 +695,16 @@ class FeatureMapCallback(Callback):
             return []
         if self._cam_module is not None:  # named as the user named it, like the feature maps
             result = dataclasses.replace(result, layer=self._cam_module[0])
-        epoch = trainer.current_epoch
-        caption = f"epoch {epoch}: {cam_caption(result)}"
-        path = f"{CAM_DIR}/epoch={epoch:03d}.png"
+        if result.target_is_class is not None and not bool(result.target_is_class.all()):
+            labels = sorted(set(result.target[~result.target_is_class].tolist()))
+            self._warn_once(
+                "cam:labels",
+                f"FeatureMapCallback: probe labels {labels} are not classes of the model (not "
+                "a column of its logits: an ignore_index?); those rows get no true-class map, "
+                "the others are drawn.",
+            )
+        caption = f"{frame.text}: {cam_caption(result)}"
+        path = f"{CAM_DIR}/{frame.stem}.png"
         return [Picture(f"class_activation/{result.layer}", path, grid, caption)]
 
     # ------------------------------------------------------------------ rendering and logging
@@ -669,16 +712,17 @@ class FeatureMapCallback(Callback):
     def _log(
         self,
         trainer: pl.Trainer,
-        epoch: int,
+        frame: _Frame,
         captured: dict[str, capture.Captured],
         examples: dict[str, ExamplesResult],
         extra: list[Picture],
     ) -> None:
         """Rank zero: render every captured layer and publish all the pictures."""
-        step = _logging_step(trainer)
+        step, epoch = _logging_step(trainer), frame.epoch
         pictures: list[Picture] = []
         scalars: dict[str, float] = {}
         layer_stats: dict[str, dict[str, float]] = {}
+        folders = self._folders([*captured, *examples])
         for key, cap in captured.items():
             if cap.error is not None:
                 self._warn_once(
@@ -700,12 +744,13 @@ class FeatureMapCallback(Callback):
             except Exception as err:
                 self._fail("render", err)
                 continue
-            caption = f"epoch {epoch}, step {step}, {_channels_text(cap)}"
+            when = f"epoch {epoch}, step {step}" if frame.step is None else frame.text
+            caption = f"{when}, {_channels_text(cap)}"
             if cap.note:
                 caption += f"; {cap.note}"
-            folder = safe_path_part(key)
+            folder = folders[key]
             pictures.append(
-                Picture(f"feature_maps/{key}", f"{folder}/epoch={epoch:03d}.png", grid, caption)
+                Picture(f"feature_maps/{key}", f"{folder}/{frame.stem}.png", grid, caption)
             )
             layer_stats[folder] = cap.stats
             for stat, value in cap.stats.items():
@@ -718,11 +763,28 @@ class FeatureMapCallback(Callback):
                 pictures.append(Picture("probe_inputs", "probe_inputs.png", strip, caption))
             except Exception as err:
                 self._fail("render", err)
-        example_pictures, dead = self._example_pictures(epoch, examples, scalars)
+        example_pictures, dead = self._example_pictures(frame, examples, scalars, folders)
         pictures += example_pictures + extra
         title = os.path.dirname(self.local_dir) or "feature maps"
-        local = LocalRun(self.local_dir, epoch, layer_stats, dead, title)
+        local = LocalRun(self.local_dir, epoch, layer_stats, dead, title, step=frame.step)
         publish(trainer.loggers, pictures, scalars, step, local, self._fail)
+
+    def _folders(self, keys: list[str]) -> dict[str, str]:
+        """Each layer's own folder: its safe name, unless another layer's or a reserved one (the
+        CAM pictures' ``cam``) is the same (then ``~2``...), said once."""
+        folders = distinct_path_parts(keys, RESERVED_NAMES)
+        for key, folder in folders.items():
+            if folder != safe_path_part(key):
+                wanted = safe_path_part(key)
+                other = next((k for k in keys if k != key and folders[k] == wanted), None)
+                self._warn_once(
+                    f"folder:{key}",
+                    f"FeatureMapCallback: layer {key!r}'s pictures go to {folder}/, as "
+                    f"{safe_path_part(key)}/ holds "
+                    + (f"layer {other!r}'s" if other else "the callback's own files")
+                    + " (with the same tag prefix in the loggers, each keeps its own name).",
+                )
+        return folders
 
     # ------------------------------------------------------------------ failures
 
@@ -766,26 +828,92 @@ def _default_local_dir(trainer: pl.Trainer, folder: str) -> str:
     return trainer.strategy.broadcast(os.path.join(save_dir, str(logger.name), version, folder))
 
 
+class _Frame(NamedTuple):
+    """Which validation a picture shows: its epoch, and its step in a step-based fit."""
+
+    epoch: int
+    # trainer.global_step (optimizer steps so far, as in ModelCheckpoint's step=N), when the
+    # fit's validations are step-based; loggers still get the step Lightning logs metrics at
+    step: int | None
+
+    @property
+    def stem(self) -> str:
+        """The file name of the frame: ``epoch=003`` or ``step=001200``."""
+        return f"epoch={self.epoch:03d}" if self.step is None else f"step={self.step:06d}"
+
+    @property
+    def text(self) -> str:
+        if self.step is None:
+            return f"epoch {self.epoch}"
+        return f"step {self.step} (epoch {self.epoch})"
+
+
+def _frame(trainer: pl.Trainer) -> _Frame:
+    step_based = trainer.state.fn == "fit" and _step_based(trainer)
+    return _Frame(trainer.current_epoch, trainer.global_step if step_based else None)
+
+
+def _step_based(trainer: pl.Trainer) -> bool:
+    """Whether the fit validates every so many training batches (an int ``val_check_interval``,
+    ``check_val_every_n_epoch=None``) or so much time, rather than at fractions of epochs: then
+    no validation need be an epoch's last one, and each is a frame of its own."""
+    interval = getattr(trainer, "val_check_interval", 1.0)
+    return (
+        trainer.check_val_every_n_epoch is None
+        or (isinstance(interval, int) and not isinstance(interval, bool))
+        or getattr(trainer, "_val_check_time_interval", None) is not None
+    )
+
+
+def _nothing_drawn(trainer: pl.Trainer, every_n_epochs: int) -> str | None:
+    """Why a fit with these settings can never reach a captured validation, or None."""
+    max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+    check = trainer.check_val_every_n_epoch
+    if max_epochs is not None and check is not None:
+        first = math.lcm(every_n_epochs, check)  # the first epoch that validates and is captured
+        if first > max_epochs:
+            return (
+                f"every_n_epochs={every_n_epochs} with check_val_every_n_epoch={check} first "
+                f"draws at epoch {first - 1}, after max_epochs={max_epochs}"
+            )
+    interval = getattr(trainer, "val_check_interval", 1.0)
+    if check is None and isinstance(interval, int) and trainer.max_steps > 0:
+        batches = trainer.max_steps * trainer.accumulate_grad_batches
+        if interval > batches:
+            return (
+                f"val_check_interval={interval} training batches is more than the fit's "
+                f"max_steps={trainer.max_steps} x accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches} = {batches}, so it never validates"
+            )
+    return None
+
+
 def _is_captured(trainer: pl.Trainer, every_n_epochs: int) -> bool:
-    """Whether the validation starting now is drawn: the last one of a captured epoch."""
+    """Whether the validation starting now is drawn: in a captured epoch, every one of a
+    step-based fit (see :func:`_step_based`), else the epoch's last one."""
     if trainer.sanity_checking or (trainer.current_epoch + 1) % every_n_epochs != 0:
         return False
     if not trainer.training and trainer.state.fn != "fit":
         return True  # trainer.validate(): one validation, drawn
-    # Mid-epoch validations (val_check_interval < 1) are skipped: the epoch's frame shows the
-    # model at the end of the epoch (or where fitting stops early).
+    if _step_based(trainer):
+        return True
+    # Mid-epoch validations (a float val_check_interval < 1) are skipped: the epoch's frame
+    # shows the model at the end of the epoch (or where fitting stops early).
     loop = trainer.fit_loop.epoch_loop
     return bool(loop.batch_progress.is_last_batch or loop._is_training_done or trainer.should_stop)
 
 
-def _dataset_size(trainer: pl.Trainer) -> int | None:
-    """Length of the first validation dataset, or None when it has none (iterable datasets)."""
+def _validation_inputs(trainer: pl.Trainer) -> int | None:
+    """Inputs this rank validates on (its sampler's length, else its dataset's), or None when
+    that is unknown (iterable datasets)."""
     loaders = trainer.val_dataloaders
     loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-    try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError):
-        return None
+    for source in ("sampler", "dataset"):
+        try:
+            return len(getattr(loader, source))
+        except (AttributeError, TypeError):
+            continue
+    return None
 
 
 def _has_validation(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

@@ -61,17 +61,28 @@ _SCORE_GRADIENT_METHODS = ("GradCAM", "GradCAMpp", "XGradCAM", "LayerCAM")
 _NOISE_SEED = 0
 # Drawn in the true-class column when the prediction is right: nothing more to show.
 _SAME_CLASS_GREY = 0.5
+# ... and when the label is not a class (an ignore_index): there is no true-class map.
+_NO_CLASS_WHITE = 1.0
 # Smallest side of a drawn tile: 28x28 MNIST tiles are enlarged x3 so the overlay is readable.
 _MIN_TILE_PX = 64
 
 
 def check_cam_method(name: object) -> str:
-    """Returns ``name`` if it is one of :data:`CAM_METHODS`; else a ValueError naming them."""
-    if name in CAM_METHODS:
-        return name
-    close = difflib.get_close_matches(str(name), CAM_METHODS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    """The :data:`CAM_METHODS` entry ``name`` spells, whatever its case, with ``++`` for ``pp``
+    (``"gradcam"``, ``"GradCAM++"`` -> ``"GradCAMpp"``); else a ValueError naming them."""
+    key = _method_key(name) if isinstance(name, str) else None
+    found = next((m for m in CAM_METHODS if _method_key(m) == key), None)
+    if found is not None:
+        return found
+    keys = {_method_key(m): m for m in CAM_METHODS}
+    close = difflib.get_close_matches(key or str(name), keys, n=1, cutoff=0.6)
+    hint = f" (did you mean {keys[close[0]]!r}?)" if close else ""
     raise ValueError(f"expected a CAM method, one of {', '.join(CAM_METHODS)}, got {name!r}{hint}")
+
+
+def _method_key(name: str) -> str:
+    """How a method name is compared: lower case, ``++`` as ``pp``, no ``-``, ``_`` or spaces."""
+    return "".join(name.lower().replace("++", "pp").replace("-", " ").replace("_", " ").split())
 
 
 @dataclass(frozen=True)
@@ -84,8 +95,9 @@ class CamResult:
         pred_maps: (N, H, W) float32 in [0, 1], the map for the predicted class, upsampled
             (bilinear) to the inputs' H, W; each map is scaled to its own maximum.
         true_maps: (N, H, W) like ``pred_maps``, the map for the true class; where the prediction
-            is right (``pred == target``) it is the same map as ``pred_maps``. None without targets.
-        target: (N,) int64 true classes, or None.
+            is right (``pred == target``), or the label is not a class, it is the same map as
+            ``pred_maps``. None without targets.
+        target: (N,) int64 true classes (labels as given, ``-100`` say), or None.
         layer: the module name the maps come from (torchcam's choice when none was given).
         method: the torchcam method, e.g. ``"GradCAM"``.
     """
@@ -97,6 +109,9 @@ class CamResult:
     target: Tensor | None
     layer: str
     method: str
+    #: (N,) bool: the label is one of the model's classes (``0 <= target < num_classes``); rows
+    #: where it is not (an ignore_index such as -100) have no true-class map. None without targets.
+    target_is_class: Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -168,7 +183,9 @@ def class_activation_maps(
             several times in one forward (SimpleCNN's ``pool``) gives the map of its last call.
             None: torchcam's choice, the last module with a spatial output (found by one more
             forward pass of a float32 zero image; then ``reshape`` cannot be used).
-        targets: (N,) integer true classes, or None.
+        targets: (N,) integer true classes, or None. A label that is not a class (an
+            ``ignore_index`` such as -100, or one past the logits) gets no true-class map:
+            ``CamResult.target_is_class`` is False there.
         reshape: Maps the layer's output, and its gradient, to (N, C, h, w), e.g. for
             channels-last ``lambda t: t.permute(0, 3, 1, 2)`` or for ViT tokens with a class
             token ``lambda t: t[:, 1:].unflatten(1, (h, w)).permute(0, 3, 1, 2)``. torchcam
@@ -181,10 +198,10 @@ def class_activation_maps(
 
     Raises:
         ValueError: An unknown method or layer, inputs that are not (N, C, H, W), targets that
-            are not (N,) integers within the classes, logits that are not (N, num_classes), or
+            are not (N,) integers, logits that are not (N, num_classes), or
             a layer whose output is not (N, C, h, w) (and no ``reshape`` makes it so).
     """
-    check_cam_method(method)
+    method = check_cam_method(method)
     check_tensor(inputs, "inputs")
     if inputs.dim() != 4 or inputs.shape[0] == 0:
         raise ValueError(f"expected inputs of shape (N, C, H, W), got shape {tuple(inputs.shape)}")
@@ -207,23 +224,30 @@ def class_activation_maps(
         if layer is None:
             layer = _default_layer(model, inputs)
         x = inputs.detach().clone()  # an ordinary tensor, even when inputs is an inference tensor
-        # Gradients flow to the layer even when every parameter is frozen.
-        x.requires_grad_(True)
+        # Gradients flow to the layer even when every parameter is frozen: from the input, or,
+        # for integer inputs (uint8 images normalised inside the model), which cannot carry
+        # them, from the layer's own output (a hook that runs before torchcam's).
+        if x.is_floating_point():
+            x.requires_grad_(True)
+        module = dict(model.named_modules())[layer]
+        hook = module.register_forward_hook(_output_requires_grad, prepend=True)
         extractor_cls = getattr(torchcam.methods, method)
         extractor = extractor_cls(
             model, layer, input_shape=tuple(inputs.shape[1:]), reshape_transform=reshape
         )
-        with extractor:
+        with extractor, contextlib.closing(_Remover(hook)):
             logits = model(x)
             _check_logits(logits, n)
             _check_activation(extractor.hook_a[0], layer)  # what torchcam hooked (and reshaped)
             pred = logits.detach().argmax(dim=1)  # (N,)
             prob = logits.detach().float().softmax(dim=1).gather(1, pred[:, None]).squeeze(1)
+            is_class = wrong = None
             if targets is not None:
                 targets = targets.to(device=pred.device, dtype=torch.long)
-                _check_classes(targets, logits.shape[1])
+                is_class = (targets >= 0) & (targets < logits.shape[1])  # (N,)
+                wrong = is_class & (targets != pred)  # (N,) rows with a true map of their own
             torch.default_generator.manual_seed(_NOISE_SEED)
-            second = targets is not None and bool((targets != pred).any())
+            second = wrong is not None and bool(wrong.any())
             keep = {"retain_graph": True} if second and method in _SCORE_GRADIENT_METHODS else {}
             pred_maps = _upsampled(
                 extractor(class_idx=pred.tolist(), scores=logits, **keep), inputs
@@ -233,8 +257,10 @@ def class_activation_maps(
                 true_maps = pred_maps
                 if second:
                     torch.default_generator.manual_seed(_NOISE_SEED)
-                    maps = extractor(class_idx=targets.tolist(), scores=logits)
-                    wrong = (targets != pred)[:, None, None]  # (N, 1, 1)
+                    # Rows without a class of their own ask for the predicted one (not drawn).
+                    classes = torch.where(wrong, targets, pred)
+                    maps = extractor(class_idx=classes.tolist(), scores=logits)
+                    wrong = wrong[:, None, None]  # (N, 1, 1)
                     true_maps = torch.where(wrong, _upsampled(maps, inputs), pred_maps)
     return CamResult(
         pred=pred,
@@ -244,7 +270,23 @@ def class_activation_maps(
         target=targets,
         layer=layer,
         method=method,
+        target_is_class=is_class,
     )
+
+
+class _Remover:
+    """``contextlib.closing`` for a hook handle: removed when the block ends."""
+
+    def __init__(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self.close = handle.remove
+
+
+def _output_requires_grad(module: nn.Module, args: object, output: object) -> object:
+    """A forward hook: a floating output that carries no gradient is made a leaf that does, so
+    the CAM gets its gradients at the layer (integer inputs, every parameter frozen)."""
+    if isinstance(output, Tensor) and output.is_floating_point() and not output.requires_grad:
+        return output.detach().requires_grad_(True)
+    return None
 
 
 @torch.no_grad()
@@ -254,7 +296,8 @@ def cam_grid(
     """Draws the maps over their images: one row per image.
 
     Columns: the input; the predicted-class map over it; with targets, the true-class map over
-    it, or a flat grey tile where the prediction is right. Tiles smaller than 64 px are enlarged
+    it, or a flat grey tile where the prediction is right, or a white one where the label is
+    not a class (``result.target_is_class``). Tiles smaller than 64 px are enlarged
     by an integer factor (nearest neighbour).
 
     Args:
@@ -288,7 +331,11 @@ def cam_grid(
     if result.true_maps is not None:
         true = _overlay(base, result.true_maps, cmap, alpha)
         right = (result.pred == result.target).cpu()[:, None, None, None]  # (N, 1, 1, 1)
-        columns.append(torch.where(right, torch.full_like(true, _SAME_CLASS_GREY), true))
+        true = torch.where(right, torch.full_like(true, _SAME_CLASS_GREY), true)
+        if result.target_is_class is not None:
+            no_class = ~result.target_is_class.cpu()[:, None, None, None]  # (N, 1, 1, 1)
+            true = torch.where(no_class, torch.full_like(true, _NO_CLASS_WHITE), true)
+        columns.append(true)
     tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (N * columns, 3, H, W), image-major
     return tile_grid(upscale(tiles, _MIN_TILE_PX, _MIN_TILE_PX), nrow=len(columns), padding=2)
 
@@ -299,13 +346,20 @@ def cam_caption(result: CamResult) -> str:
     E.g. ``"GradCAM on conv2; columns: input, predicted, true (grey: right). 1: pred 7
     (p=0.98), true 7; 2: pred 3 (p=0.61), true 5 WRONG"``.
     """
-    columns = "input, predicted" + (", true (grey: right)" if result.target is not None else "")
-    rows = []
     pred, prob = result.pred.tolist(), result.prob.tolist()
     target = result.target.tolist() if result.target is not None else [None] * len(pred)
-    for i, (p, q, t) in enumerate(zip(pred, prob, target, strict=True), start=1):
+    is_class = [True] * len(pred)
+    if result.target_is_class is not None:
+        is_class = result.target_is_class.tolist()
+    columns = "input, predicted"
+    if result.target is not None:
+        columns += ", true (grey: right" + (")" if all(is_class) else "; white: label not a class)")
+    rows = []
+    for i, (p, q, t, ok) in enumerate(zip(pred, prob, target, is_class, strict=True), start=1):
         row = f"{i}: pred {p} (p={q:.2f})"
-        if t is not None:
+        if t is not None and not ok:
+            row += f", label {t} is not a class: no true-class map"
+        elif t is not None:
             row += f", true {t}" + (" WRONG" if t != p else "")
         rows.append(row)
     return f"{result.method} on {result.layer}; columns: {columns}. " + "; ".join(rows)
@@ -349,14 +403,6 @@ def _check_logits(logits: object, n: int) -> None:
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != n:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"expected model(inputs) to return ({n}, num_classes) logits, got {shape}")
-
-
-def _check_classes(targets: Tensor, num_classes: int) -> None:
-    if bool(((targets < 0) | (targets >= num_classes)).any()):
-        raise ValueError(
-            f"expected targets in [0, {num_classes}) (the model's classes), "
-            f"got values {targets.unique().tolist()}"
-        )
 
 
 def _check_activation(act: object, layer: str) -> None:

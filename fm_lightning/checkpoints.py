@@ -14,10 +14,12 @@ it would call (read from the pickle's opcodes). Both Lightning checkpoints (keys
 ``net.conv1.weight``...) and the network's bare state dicts (``conv1.weight``...) load, strictly:
 missing, unexpected or misshapen weights are listed in the error.
 
-A run's ``config.yaml`` (the one LightningCLI saved beside ``checkpoints/``) is parsed and
-instantiated by LightningCLI's own parser (jsonargparse), so whatever ``--model.net`` the run used
-is rebuilt as ``train.py`` builds it. That imports and calls what the config names, as
-``train.py --config`` does: use configs you trust.
+From a run's ``config.yaml`` (the one LightningCLI saved beside ``checkpoints/``) only
+``model.net`` is built, by LightningCLI's own parser (jsonargparse), so whatever ``--model.net``
+the run used is rebuilt as ``train.py`` builds it; nothing else there (optimizer, scheduler,
+trainer, callbacks, data) is instantiated, and only ``data.mean`` and ``data.std`` are read. The
+net's class path is still imported and called, as ``train.py --config`` does: use configs you
+trust.
 
 Every problem raises :class:`CheckpointError`, whose message names it and the fix, worded for
 ``python -m fm_lightning.visualize``, which prints it as one ``error:`` line.
@@ -371,38 +373,50 @@ def read_config(path: str | os.PathLike) -> RunConfig:
 def model_from_config(
     config: RunConfig, seed: int | None = None
 ) -> tuple[ImageClassifier, MNISTDataModule]:
-    """The run's ImageClassifier (in eval mode) and MNISTDataModule, as train.py builds them.
+    """The run's network in an ImageClassifier (eval mode), and an MNISTDataModule with its
+    normalisation.
 
-    Built by LightningCLI's own parser (jsonargparse) from the ``model:`` and ``data:``
-    sections, so every ``--model.net`` train.py takes (a class path with ``init_args``, a
-    function such as ``torchvision.models.resnet18`` or ``timm.create_model`` with
-    ``dict_kwargs``, a module of your own) is built the same way. This imports and calls what
-    the config names, as ``python train.py --config`` does: use configs you trust. The global
+    Only ``model.net`` is built, by jsonargparse (LightningCLI's parser) as train.py builds it,
+    so every ``--model.net`` train.py takes (a class path with ``init_args``, a function such as
+    ``torchvision.models.resnet18`` or ``timm.create_model`` with ``dict_kwargs``, a module of
+    your own) is rebuilt the same way. Nothing else in the config is instantiated or called: the
+    optimizer, scheduler, trainer and callbacks are never parsed, and of the ``data:`` section
+    only the numbers ``mean`` and ``std`` are read. Building the net still imports and calls what
+    ``model.net`` names, as ``python train.py --config`` does: use configs you trust. The global
     random state is left as it was; ``seed`` seeds the initial weights.
 
     Raises:
         CheckpointError: a class that does not import, an argument it does not take, or a
             value it refuses, in the words of jsonargparse or of the class.
     """
+    if "net" not in config.model:
+        raise CheckpointError(
+            f"{config.path} has no model.net; expected the {CONFIG_FILE} that `python train.py` "
+            "saves in its run directory (model: net: class_path: ...)."
+        )
     parser = LightningArgumentParser(exit_on_error=False)
-    parser.add_lightning_class_args(ImageClassifier, "model")
-    parser.add_lightning_class_args(MNISTDataModule, "data")
+    parser.add_argument("--net", type=nn.Module, required=True)
     # jsonargparse >= 4.49 calls it instantiate(); older ones, as Lightning does, the other name
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     try:
-        cfg = parser.parse_object({"model": config.model, "data": config.data})
+        cfg = parser.parse_object({"net": config.model["net"]})
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            built = instantiate(cfg)
+            net = instantiate(cfg).net
     except Exception as err:  # jsonargparse's ArgumentError, or what a constructor raises
         why = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         raise CheckpointError(
             f"cannot build the model of {config.path} ({why or type(err).__name__}). Fix its "
-            "model: or data: section, and run from the directory you trained in, so that "
-            "modules of your own import."
+            "model.net, and run from the directory you trained in, so that modules of your own "
+            "import."
         ) from None
-    return built.model.eval(), built.data
+    numbers = {k: config.data[k] for k in ("mean", "std") if k in config.data}
+    try:
+        data = MNISTDataModule(**numbers)
+    except ValueError as err:
+        raise CheckpointError(f"cannot read the data: section of {config.path}: {err}") from None
+    return ImageClassifier(net).eval(), data
 
 
 def describe_model(model: nn.Module, config: RunConfig) -> str:

@@ -19,7 +19,8 @@ worth of entries or 16 MiB, and at the end. Memory never grows with the validati
 broken by the smaller index, so the result is the same for any batching, any order of the stream,
 any pool size and any split across processes
 (:meth:`TopKExamples.merge`). ``indices`` must identify an input across processes (its dataset
-index); the same index seen twice (DistributedSampler's padding) counts once.
+index, or :func:`content_ids`, a hash of its values, which FeatureMapCallback uses whatever the
+sampler); the same index seen twice (DistributedSampler's padding) counts once.
 
 Receptive fields come from the model itself (:func:`receptive_field`: the nonzero extent of the
 input gradient of one output position), not from the architecture. Token layouts work on their
@@ -32,6 +33,7 @@ neighbourhood of a 16-pixel patch grid.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,11 +50,13 @@ from fm_lightning.rendering import check_cmap, colorize, normalize_maps
 from fm_lightning.text import stamp, text_width
 
 __all__ = [
+    "MAX_EXAMPLES",
     "DeadChannels",
     "ExampleStream",
     "ExamplesResult",
     "ReceptiveField",
     "TopKExamples",
+    "content_ids",
     "crop_at",
     "examples_grid",
     "receptive_field",
@@ -60,6 +64,9 @@ __all__ = [
 
 # Sorts after every real index, so empty slots rank last among equal (-inf) scores.
 _EMPTY = torch.iinfo(torch.int64).max
+#: The most examples per channel a caller may ask for (FeatureMapCallback(examples=k), the
+#: visualizer's --examples): the state holds k crops per drawn channel, the grid k columns.
+MAX_EXAMPLES = 100
 
 
 class ReceptiveField(NamedTuple):
@@ -767,6 +774,49 @@ def _overlay_at(
     return act.contiguous().view(-1)[idx].float()
 
 
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@torch.no_grad()
+def content_ids(inputs: Tensor) -> Tensor:
+    """(B,) int64 in [0, 2**62): a hash of each input's bits, to tell inputs apart by content.
+
+    The same input gives the same id in any batch, order, process or device (a sum of its
+    values' bit patterns times fixed odd multipliers, modulo 2**64: exact integer arithmetic);
+    two different inputs share one with probability about 2**-62. For the callback's top-k,
+    whose processes see inputs through samplers it cannot know (DDP without DistributedSampler,
+    a custom sampler, each rank its own shard): an input repeated (DistributedSampler's padding)
+    counts once, and distinct ones never merge.
+    """
+    if not isinstance(inputs, Tensor) or inputs.dim() < 1:
+        raise ValueError(f"expected (B, ...) inputs, got {_shape(inputs)}")
+    flat = inputs.detach().reshape(len(inputs), -1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    bits = flat.contiguous().view(_INT_OF_SIZE[flat.element_size()])  # same shape, same bits
+    weights = _id_weights(bits.shape[1], bits.device)  # (D,) odd int64
+    # Rows in chunks of at most 2**23 values: the int64 products stay under 64 MiB.
+    rows = max(1, 2**23 // max(bits.shape[1], 1))
+    ids = torch.cat(
+        [(chunk.long() * weights).sum(dim=1) for chunk in bits.split(rows)]
+        or [torch.zeros(0, dtype=torch.long, device=bits.device)]
+    )
+    ids = ids ^ (ids >> 29)  # mix the high bits into the low ones (arithmetic shift: still exact)
+    return ids & (2**62 - 1)
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@functools.cache
+def _id_weights(length: int, device: torch.device) -> Tensor:
+    g = torch.Generator().manual_seed(0x5EED)  # on the CPU: the same numbers on every device
+    odd = torch.randint(-(2**62), 2**62, (length,), generator=g, dtype=torch.int64) * 2 + 1
+    return odd.to(device)
+
+
 def _fill(dtype: torch.dtype) -> float:
     return math.nan if dtype.is_floating_point else 0
 
@@ -826,6 +876,9 @@ class ExampleStream:
         The body runs eagerly (``torch.compiler.set_stance("force_eager")``): compiled code
         would skip the hooks.
         """
+        if len(inputs) == 0:  # an empty batch has no maps to stream (nor a field to measure)
+            yield
+            return
         with torch.compiler.set_stance("force_eager"):
             with self._hooked(inputs, indices):
                 yield
@@ -837,8 +890,11 @@ class ExampleStream:
             if name in self.errors:
                 continue
             if name not in self.fields:
-                # A few inputs (and their noisy copies) find the field as well as a whole batch.
-                sample = inputs[:_FIELD_INPUTS].float()
+                # A few inputs (and their noisy copies) find the field as well as a whole batch,
+                # in the model's own dtype (bf16-true, 16-true), or as floats for integer inputs.
+                sample = inputs[:_FIELD_INPUTS]
+                if not sample.is_floating_point():
+                    sample = sample.to(_float_dtype(self.model))
                 rows = 2 * len(sample)  # receptive_field() adds a noisy copy of each input
                 try:
                     self.fields[name] = receptive_field(

@@ -27,7 +27,7 @@ import struct
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -234,3 +234,24 @@ def safe_path_part(name: str) -> str:
     """
     safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", name)
     return "_" * len(safe) if not safe.strip(".") else safe
+
+
+def distinct_path_parts(names: Iterable[str], reserved: Iterable[str] = ()) -> dict[str, str]:
+    """``{name: directory name}``: :func:`safe_path_part` of each name, made distinct.
+
+    A name whose part is taken, by an earlier name (``"a b"`` and ``"a_b"`` both make ``a_b``)
+    or by a reserved one (the CAM pictures' ``cam``), gets ``~2``, ``~3``, ... appended;
+    ``safe_path_part`` never makes a ``~``, so no other name can come to the same part.
+    """
+    taken, parts = set(reserved), {}
+    for name in names:
+        if name in parts:
+            continue
+        part = candidate = safe_path_part(name)
+        n = 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{part}~{n}"
+        taken.add(candidate)
+        parts[name] = candidate
+    return parts

@@ -17,6 +17,8 @@ The directory this reads, as :class:`~fm_lightning.FeatureMapCallback` writes it
     <root>/<layer>/examples/epoch=000.png   optional: the layer's top-k examples, shown under
                                             its maps and moving with the same slider
     <root>/cam/epoch=000.png                optional: class-activation overlays, a row of its own
+    <root>/<layer>/step=000120.png          a frame of a fit whose validations are step-based,
+                                            named by its global step (examples and cam too)
     <root>/stats.json                       optional: written by append_stats
 
 Every directory holding a ``*.png`` (or an ``examples/`` folder of them) is a row; ``cam`` is
@@ -71,8 +73,12 @@ GIF_NAME = "evolution.gif"
 PROBE_FILE = "probe_inputs.png"
 EXAMPLES_DIR = "examples"  # <root>/<layer>/examples/epoch=NNN.png
 CAM_DIR = "cam"  # <root>/cam/epoch=NNN.png: a row of its own, after the layers
+# Names under <root> that are not layers' folders: a layer whose folder would be one of them
+# gets another (fm_lightning.files.distinct_path_parts).
+RESERVED_NAMES = (CAM_DIR, STATS_FILE, INDEX_FILE, PROBE_FILE)
 _STATS_FORMAT = 1
 _EPOCH_STEM = re.compile(r"epoch=(\d+)")
+_FRAME_STEM = re.compile(r"(epoch|step)=(\d+)")  # step=N: a frame of a step-based fit
 # GIF frames are padded to a common size with white, the colour of the grids' separators.
 _GIF_BACKGROUND = (255, 255, 255)
 _GIF_LABEL_PX = 14
@@ -84,6 +90,7 @@ def append_stats(
     stats: dict[str, dict[str, float]],
     captions: Mapping[str, str] | None = None,
     dead: Mapping[str, Mapping[int, int]] | None = None,
+    step: int | None = None,
 ) -> Path:
     """Merge one capture's per-layer statistics into ``root/stats.json``, atomically.
 
@@ -107,9 +114,13 @@ def append_stats(
         ValueError: If ``epoch`` is not an int >= 0, a caption is not a string, a dead entry
             is not ``channel >= 0 -> epoch >= 0`` ints, or ``stats.json`` exists but is not one
             this module wrote.
+        step: the capture's step, for a fit whose validations are step-based (its frames are
+            ``step=N.png``): the entry is the frame's, and replaces one of the same step.
     """
     if not _is_count(epoch):
         raise ValueError(f"expected epoch to be an int >= 0, got {epoch!r}")
+    if step is not None and not _is_count(step):
+        raise ValueError(f"expected step to be an int >= 0 or None, got {step!r}")
     captions = dict(captions or {})
     for key, text in captions.items():
         if not isinstance(key, str) or not isinstance(text, str):
@@ -135,12 +146,15 @@ def append_stats(
             for layer, values in stats.items()
         },
     }
+    if step is not None:
+        entry["step"] = step
     if captions:
         entry["captions"] = captions
     if dead_entry:
         entry["dead"] = dead_entry
-    history = [h for h in data["history"] if h["epoch"] != epoch] + [entry]
-    data["history"] = sorted(history, key=lambda h: h["epoch"])
+    key = _entry_key(entry)
+    history = [h for h in data["history"] if _entry_key(h) != key] + [entry]
+    data["history"] = sorted(history, key=lambda h: (h["epoch"], h.get("step", -1)))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         f.write(json.dumps(data, indent=1, allow_nan=False).encode())
@@ -163,12 +177,13 @@ def write_index(root: str | os.PathLike, title: str = "Feature maps") -> Path:
     stems = sorted(
         {stem for row in layers.values() for frames in row for stem in frames}, key=_frame_order
     )
-    history = {h["epoch"]: h for h in stats["history"]}
+    history = {_entry_key(h): h for h in stats["history"]}
     steps = [{"label": _frame_label(stem), "epoch": _frame_epoch(stem)} for stem in stems]
+    frame_keys = [_frame_key(stem) for stem in stems]
 
     def at(i: int | None, *keys: str):
-        """history[epoch of step i][keys...], or None."""
-        value = history.get(steps[i]["epoch"]) if i is not None else None
+        """history[frame of step i][keys...], or None."""
+        value = history.get(frame_keys[i]) if i is not None else None
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
         return value
@@ -247,7 +262,7 @@ def write_gifs(root: str | os.PathLike, duration_ms: int = 600) -> dict[str, Pat
     font = ImageFont.load_default(size=_GIF_LABEL_PX - 2)
     written = {}
     for name, (frames, _) in _layers(root, _read_stats(root / STATS_FILE)["layers"]).items():
-        epochs = {s: p for s, p in frames.items() if _frame_epoch(s) is not None}
+        epochs = {s: p for s, p in frames.items() if _frame_key(s) is not None}
         if len(epochs) < 2:
             continue
         images = []
@@ -377,17 +392,32 @@ def _frame_epoch(stem: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _frame_key(stem: str) -> tuple[str, int] | None:
+    """``("epoch", N)`` for ``epoch=N``, ``("step", N)`` for ``step=N``, else None."""
+    match = _FRAME_STEM.fullmatch(stem)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def _entry_key(entry: Mapping) -> tuple[str, int]:
+    """The frame a stats.json history entry belongs to (see :func:`_frame_key`)."""
+    step = entry.get("step")
+    return ("step", step) if isinstance(step, int) else ("epoch", entry["epoch"])
+
+
 def _frame_order(stem: str) -> tuple[int, int, str]:
-    """``untrained`` first, then ``epoch=N`` by N, then other stems alphabetically."""
+    """``untrained`` first, then ``epoch=N`` by N, then ``step=N`` by N, then other stems
+    alphabetically."""
     if stem == "untrained":
         return (0, 0, stem)
-    epoch = _frame_epoch(stem)
-    return (1, epoch, stem) if epoch is not None else (2, 0, stem)
+    key = _frame_key(stem)
+    if key is None:
+        return (3, 0, stem)
+    return (1 if key[0] == "epoch" else 2, key[1], stem)
 
 
 def _frame_label(stem: str) -> str:
-    epoch = _frame_epoch(stem)
-    return f"epoch {epoch}" if epoch is not None else stem
+    key = _frame_key(stem)
+    return f"{key[0]} {key[1]}" if key is not None else stem
 
 
 def _url(*parts: str) -> str:

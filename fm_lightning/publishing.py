@@ -71,6 +71,7 @@ class LocalRun:
     stats: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # {folder: {stat: v}}
     dead: Mapping[str, Mapping[int, int]] = field(default_factory=dict)  # {folder: {ch: since}}
     title: str = "feature maps"
+    step: int | None = None  # the frame's step, in a fit whose validations are step-based
 
 
 def publish(
@@ -102,7 +103,12 @@ def publish(
         # The gallery pairs a caption with the folder its picture is in: conv1, conv1/examples, cam.
         captions = {os.path.dirname(p.path): p.caption for p in pictures if os.path.dirname(p.path)}
         gallery.append_stats(
-            local.root, local.epoch, dict(local.stats), captions=captions, dead=dict(local.dead)
+            local.root,
+            local.epoch,
+            dict(local.stats),
+            captions=captions,
+            dead=dict(local.dead),
+            step=local.step,
         )
         gallery.write_index(local.root, title=local.title)
     except Exception as err:

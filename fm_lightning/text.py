@@ -8,16 +8,26 @@ grid writes a score under each of its hundreds of tiles every epoch. Here each c
 rasterised once per size and colour (PIL's default font, as ``ImageDraw.text`` would draw it)
 and pasted at its advance, so a label costs a few small array copies. Text is dark on a light
 background: a pixel keeps the darker of itself and the glyph, per channel.
+
+PIL's default font covers ASCII only. A character it lacks is drawn from DejaVu Sans (bundled
+with matplotlib: accents, Greek, arrows, many symbols); one neither has (CJK, most emoji) and
+control characters (tabs, newlines) are written as their Python escape, ``\u4e2d``, ``\n``
+(:func:`visible`), never as the font's missing-glyph box.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import unicodedata
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["stamp", "text_width"]
+__all__ = ["stamp", "text_width", "visible"]
+
+# A private-use code point no font here draws: what a missing glyph looks like in each font.
+_NO_GLYPH = "\U0010fffd"
 
 
 def stamp(
@@ -32,7 +42,7 @@ def stamp(
     x0, y = xy
     height, width = pixels.shape[:2]
     pen = float(x0)
-    for ch in text:
+    for ch in visible(text, size):
         glyph, advance = _glyph(ch, size, tuple(color))  # (gh, gw, 3), pixels
         x = round(pen)
         pen += advance
@@ -46,7 +56,23 @@ def stamp(
 
 def text_width(text: str, size: int = 10) -> int:
     """Pixels ``stamp`` advances over ``text``."""
-    return round(sum(_glyph(ch, size, (0, 0, 0))[1] for ch in text))
+    return round(sum(_glyph(ch, size, (0, 0, 0))[1] for ch in visible(text, size)))
+
+
+def visible(text: str, size: int = 10) -> str:
+    """``text`` with every character that would be drawn as a missing-glyph box, or not at all
+    (tabs, newlines, other control and format characters), replaced by its Python escape:
+    ``"a\tb 中"`` -> ``"a\\tb \\u4e2d"``. What it returns, :func:`stamp` draws as it is."""
+    return "".join(
+        ch if _drawable(ch, size) else ch.encode("unicode_escape").decode() for ch in text
+    )
+
+
+@functools.cache
+def _drawable(ch: str, size: int) -> bool:
+    if unicodedata.category(ch)[0] == "C" and ch != " ":
+        return False
+    return _font_with(ch, size) is not None
 
 
 @functools.cache
@@ -55,10 +81,36 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 @functools.cache
+def _fallback(size: int) -> ImageFont.FreeTypeFont | None:
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(
+            os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), size
+        )
+    except (ImportError, OSError):
+        return None
+
+
+def _font_with(ch: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont | None:
+    """The first of the default font and the fallback that has a glyph for ``ch``, or None."""
+    for font in (_font(size), _fallback(size)):
+        if font is not None and (ch == " " or _looks(font, ch) != _looks(font, _NO_GLYPH)):
+            return font
+    return None
+
+
+def _looks(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, ch: str) -> tuple:
+    """A glyph's bitmap and advance: equal to the missing glyph's when the font lacks ``ch``."""
+    mask = font.getmask(ch)
+    return mask.size, bytes(mask) if 0 not in mask.size else b"", font.getlength(ch)
+
+
+@functools.cache
 def _glyph(ch: str, size: int, color: tuple[int, int, int]) -> tuple[np.ndarray, float]:
     """(line height, glyph width, 3) uint8 of ``ch`` in ``color`` on white, and its advance."""
-    font = _font(size)
-    ascent, descent = font.getmetrics()
+    font = _font_with(ch, size) or _font(size)
+    ascent, descent = _font(size).getmetrics()  # one line height, whichever font draws
     right = font.getbbox(ch)[2]
     mask = Image.new("L", (max(int(right), 1), ascent + descent), 0)
     ImageDraw.Draw(mask).text((0, 0), ch, fill=255, font=font)

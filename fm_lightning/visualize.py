@@ -20,17 +20,18 @@ overlays of the inputs (``fm_lightning.cam``, torchcam), for the predicted class
 ``--mnist-index`` inputs, the true class, at ``--cam-layer`` (a layer name or pattern matching
 one module; default the run's ``cam_layer``, else torchcam's choice).
 
-The network, read and rebuilt by ``fm_lightning.checkpoints``. A checkpoint written by
-``python train.py`` sits in ``checkpoints/`` of its run directory, beside the ``config.yaml``
-LightningCLI saved there; its ``model:`` section is parsed and instantiated by LightningCLI's own
-parser (jsonargparse), so whatever ``--model.net`` the run used (a class path with ``init_args``,
+The network, read and rebuilt by ``fm_lightning.checkpoints``. A checkpoint written by ``python
+train.py`` sits in ``checkpoints/`` of its run directory, beside the ``config.yaml`` LightningCLI
+saved there; its ``model.net`` alone is parsed and instantiated by LightningCLI's own parser
+(jsonargparse; nothing else in the config is built or called, and of ``data:`` only ``mean`` and
+``std`` are read), so whatever ``--model.net`` the run used (a class path with ``init_args``,
 ``torchvision.models.resnet18``, ``timm.create_model`` with ``dict_kwargs``, a module of your own)
 is rebuilt the same way. ``--config PATH`` names another one. Layers are then named as the callback
 names them, relative to the ImageClassifier (``conv1`` finds ``net.conv1``), and ``--layers``
-defaults to the run's FeatureMapCallback layers. Building the network imports and calls what the
-config names, as ``train.py --config`` does: use configs you trust. Without a config the network is
-SimpleCNN (layers ``conv1``, ``pool``, ``conv2``, ``fc1``...; default ``conv1 conv2``), and bare
-SimpleCNN state dicts load too.
+defaults to the run's FeatureMapCallback layers. Building the network imports and calls what
+``model.net`` names, as ``train.py --config`` does: use configs you trust. Without a config the
+network is SimpleCNN (layers ``conv1``, ``pool``, ``conv2``, ``fc1``...; default ``conv1 conv2``),
+and bare SimpleCNN state dicts load too.
 
 Inputs have MNIST's shape, 1x28x28, because that is what ``MNISTDataModule`` (train.py's data)
 feeds every network it trains: a network that does not take it (say, a 3-channel ResNet) is
@@ -51,7 +52,9 @@ Output layout (``--out``, default ``logs/visualize``)::
     index.html                       a gallery page of all of the above (fm_lightning.gallery)
 
 A layer called twice in one forward pass (SimpleCNN's ``pool``) gets one directory per call,
-``pool`` and ``pool@2``, as in the callback's output. What each picture shows (channels,
+``pool`` and ``pool@2``, as in the callback's output; a layer whose directory name is taken (by
+another layer, ``"a b"`` and ``"a_b"``, or by ``cam``) gets ``~2`` appended. Every numeric option
+has a stated bound (``--help``). What each picture shows (channels,
 dead channels, predictions, CAM captions) is printed.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only, so
@@ -83,7 +86,7 @@ from typing import NoReturn
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from fm_lightning import rendering
@@ -109,19 +112,24 @@ from fm_lightning.checkpoints import (
     untrained_model,
 )
 from fm_lightning.data import MNIST_MEAN, MNIST_STD, MNISTDataModule, load_mnist
-from fm_lightning.examples import ExamplesResult, ExampleStream, examples_grid
-from fm_lightning.files import safe_path_part, save_png
+from fm_lightning.examples import MAX_EXAMPLES, ExamplesResult, ExampleStream, examples_grid
+from fm_lightning.files import distinct_path_parts, save_png
 from fm_lightning.gallery import (
     CAM_DIR,
     EXAMPLES_DIR,
     PROBE_FILE,
+    RESERVED_NAMES,
     STATS_FILE,
     load_stats,
     write_index,
 )
 from fm_lightning.layouts import interpret
+from fm_lightning.text import stamp
 
 EXAMPLES_BATCH = 500  # MNIST test images per forward pass of the --examples sweep
+MAX_CHANNELS = 1024  # --max-channels: columns of a grid
+MAX_SEED = 2**32 - 1  # --seed
+_LABEL_PX = 14  # the labels of --compare's panels
 
 
 class VisualizeError(Exception):
@@ -299,23 +307,18 @@ def load_mnist_test(data_dir: str, indices: Sequence[int]) -> tuple[Tensor, list
 
 def side_by_side(panels: Sequence[tuple[str, np.ndarray]], gap: int = 16) -> np.ndarray:
     """Lays out (H, W, 3) uint8 images in a row on white, each under a small text label."""
-    try:
-        font = ImageFont.load_default(size=14)
-    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
-        font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_h = max(probe.textbbox((0, 0), label, font=font)[3] for label, _ in panels)
-    label_h = text_h + 6
+    label_h = _LABEL_PX + 6
     width = sum(img.shape[1] for _, img in panels) + gap * (len(panels) + 1)
     height = label_h + max(img.shape[0] for _, img in panels) + gap
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
     x = gap
     for label, img in panels:
-        draw.text((x, 2), label, fill="black", font=font)
-        canvas.paste(Image.fromarray(np.asarray(img)), (x, label_h))
-        x += img.shape[1] + gap
-    return np.asarray(canvas)
+        # fm_lightning.text: glyphs the font lacks drawn from a fallback, or escaped
+        stamp(canvas, (x, 2), label, (0, 0, 0), _LABEL_PX)
+        h, w = img.shape[:2]
+        canvas[label_h : label_h + h, x : x + w] = np.asarray(img)
+        x += w + gap
+    return canvas
 
 
 def top_examples(
@@ -342,6 +345,7 @@ def top_examples(
     Returns:
         ``({layer: result}, {layer: why it has no examples})``.
     """
+    k = min(k, len(images))  # no more slots than inputs
     stream = ExampleStream(model, modules, k=k, max_channels=max_channels, channels=channels)
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(images), batch_size):
@@ -460,7 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
         "compare_<layer>.png with the two grids side by side",
     )
     model.add_argument(
-        "--seed", type=int, default=0, help="seed of the untrained network (default: 0)"
+        "--seed",
+        type=_int_in(0, MAX_SEED),
+        default=0,
+        help=f"seed of the untrained network, 0 to {MAX_SEED} (default: 0)",
     )
 
     inputs = parser.add_argument_group("inputs (one of)")
@@ -506,9 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drawing.add_argument(
         "--max-channels",
-        type=_positive_int,
+        type=_int_in(1, MAX_CHANNELS),
         default=32,
-        help="channels (columns) per grid (default: 32)",
+        help=f"channels (columns) per grid, 1 to {MAX_CHANNELS} (default: 32)",
     )
     drawing.add_argument(
         "--normalize",
@@ -528,9 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     extra = parser.add_argument_group("what each channel responds to, where the model looks")
     extra.add_argument(
         "--examples",
-        type=_positive_int,
+        type=_int_in(1, MAX_EXAMPLES),
         metavar="K",
-        help="also draw each drawn channel's top K inputs of the MNIST test set (10,000 images, "
+        help=f"also draw each drawn channel's top K (1 to {MAX_EXAMPLES}) inputs of the MNIST "
+        "test set (10,000 images, "
         "from --data-dir), cropped to its receptive field, as FeatureMapCallback(examples=K) "
         "does over validation: <layer>/examples/trained.png",
     )
@@ -557,11 +565,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], else one error line naming the bounds."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
 
 
 def _cam_method(name: str) -> str:
@@ -729,11 +746,13 @@ def _draw(
     lines: list[str] = []
     what = _labels(args)
     grids: dict[str, dict[str, np.ndarray]] = {}  # layer -> variant -> grid
+    folders: dict[str, str] = {}  # layer -> its own folder under --out
     for variant, model in nets.variants.items():
         modules = resolve_layers(model, args.layers)
         captured, logits = capture(
             model, x, modules, max_channels=args.max_channels, order=args.order, stats=False
         )
+        folders = distinct_path_parts([*folders, *captured, *modules], RESERVED_NAMES)
         lines.append(f"{what[variant]} predicts: {_predictions(logits)}")
         for layer, cap in captured.items():
             if cap.error is not None:
@@ -748,7 +767,7 @@ def _draw(
                 channels=cap.channels,
             ).numpy()
             grids.setdefault(layer, {})[variant] = grid
-            pictures[f"{safe_path_part(layer)}/{variant}.png"] = grid
+            pictures[f"{folders[layer]}/{variant}.png"] = grid
         if args.cam:
             try:
                 grid, caption = cam_picture(model, x, args.cam, args.cam_layer, targets, args.cmap)
@@ -769,7 +788,7 @@ def _draw(
             for layer, error in errors.items():
                 _note(f"{layer} has no examples: {error}")
             for layer, result in results.items():
-                path = f"{safe_path_part(layer)}/{EXAMPLES_DIR}/{variant}.png"
+                path = f"{folders[layer]}/{EXAMPLES_DIR}/{variant}.png"
                 pictures[path] = examples_grid(result, cmap=args.cmap).numpy()
                 dead = result.dead.nonzero().flatten().tolist()
                 lines.append(
@@ -780,7 +799,7 @@ def _draw(
     if args.compare:
         for layer, by_variant in grids.items():
             panels = [(f"{layer}: {what[v]}", by_variant[v]) for v in ("untrained", "trained")]
-            pictures[f"compare_{safe_path_part(layer)}.png"] = side_by_side(panels)
+            pictures[f"compare_{folders[layer]}.png"] = side_by_side(panels)
     return pictures, lines
 
 

@@ -667,3 +667,86 @@ def test_ddp_ranks_that_disagree_neither_hang_nor_stop_training(tmp_path, fail_r
     pngs = _pngs(tmp_path / "maps" / "conv1")
     # rank zero's probe decides: drawn when rank zero has one, skipped everywhere when it has not
     assert len(pngs) == (0 if fail_rank == 0 else 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_rank", [0, 1])
+def test_ddp_ranks_that_disagree_with_examples_on_neither_hang_nor_stop_training(
+    tmp_path, fail_rank
+):
+    # examples=2 adds collectives when a validation starts (the slots every rank keeps): the
+    # rank that cannot read its batches must still take part in them.
+    script = os.path.join(SCRIPTS, "ddp_fit.py")
+    args = [script, str(tmp_path), "--fail-on-rank", str(fail_rank), "--examples", "2"]
+    out = _run(args, cwd=tmp_path, timeout=180)
+    assert "rank=0" in out and "rank=1" in out  # both ranks finished fit
+    assert len(_pngs(tmp_path / "maps" / "conv1")) == (0 if fail_rank == 0 else 2)
+    # ranks that disagree gather no examples: none drawn, none half-merged
+    assert not (tmp_path / "maps" / "conv1" / "examples").exists()
+
+
+# ---------------------------------------------------------------- folders of their own
+
+
+class CollidingNames(nn.Module):
+    """A classifier whose layers are named "cam", "a b" and "a_b": "cam" is the CAM pictures'
+    folder, and "a b" and "a_b" make the same safe folder name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cam = nn.Conv2d(1, 4, 3, padding=1)
+        self.add_module("a b", nn.Conv2d(4, 6, 3, padding=1))
+        self.a_b = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.cam(x))  # (N, 4, 28, 28)
+        x = torch.relu(getattr(self, "a b")(x))  # (N, 6, 28, 28)
+        x = torch.relu(self.a_b(x))  # (N, 8, 28, 28)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_every_layer_and_the_cam_get_folders_and_tags_of_their_own(tmp_path):
+    cb = FeatureMapCallback(
+        layers=["cam", "a b", "a_b"],
+        examples=2,
+        cam="GradCAM",
+        cam_layer="a_b",
+        save_dir=str(tmp_path / "maps"),
+        strict=False,
+    )
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer, _ = _fit(tmp_path, cb, logger, model=ImageClassifier(CollidingNames()))
+    root = tmp_path / "maps"
+    folders = {"cam": "cam~2", "a b": "a_b", "a_b": "a_b~2"}
+    for layer, folder in folders.items():
+        channels = {"cam": 4, "a b": 6, "a_b": 8}[layer]
+        for epoch in (0, 1):
+            with Image.open(root / folder / f"epoch={epoch:03d}.png") as im:
+                maps = np.asarray(im.convert("RGB"))
+            expected = rendering.feature_grid(torch.zeros(4, channels, 28, 28)).shape
+            assert maps.shape[1] == expected[1], (layer, maps.shape)  # its own channel count
+            assert (root / folder / "examples" / f"epoch={epoch:03d}.png").is_file()
+    # cam/ holds the CAM pictures alone: 3 columns (input, predicted, true) of 84 px tiles
+    for epoch in (0, 1):
+        with Image.open(root / "cam" / f"epoch={epoch:03d}.png") as im:
+            assert im.width == 3 * 84 + 4 * 2
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["a_b", "a_b~2", "cam", "cam~2"]
+    said = [str(w.message) for w in record if "pictures go to" in str(w.message)]
+    assert len(said) == 2 and any("'a_b'" in s and "a_b~2/" in s and "'a b'" in s for s in said)
+    assert any("'cam'" in s and "cam~2/" in s and "the callback's own files" in s for s in said)
+
+    stats = json.loads((root / "stats.json").read_text())
+    assert stats["layers"] == ["cam~2", "a_b", "a_b~2"]
+    captions = stats["history"][-1]["captions"]
+    assert captions["cam"].startswith("epoch 1: GradCAM on a_b")
+    assert captions["cam~2"].startswith("epoch 1, step") and "of 4" in captions["cam~2"]
+
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["images"])
+    assert {"feature_maps/cam", "feature_maps/a b", "feature_maps/a_b"} <= tags
+    assert "class_activation/a_b" in tags
+    assert {"feature_examples/cam", "feature_examples/a b", "feature_examples/a_b"} <= tags

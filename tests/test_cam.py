@@ -383,9 +383,10 @@ def test_state_is_restored_when_the_call_fails_midway():
     x, _, _ = make_squares(4, seed=5)
     hooks = all_hooks(model)
     rng = torch.get_rng_state()
-    # Only known after the forward pass: these classes are beyond the model's 3.
-    with pytest.raises(ValueError, match=r"expected targets in \[0, 3\)"):
-        class_activation_maps(model, x, layer="conv3", targets=torch.tensor([0, 1, 2, 5]))
+    # Only known after the forward pass: logits of the wrong shape.
+    flat = nn.Sequential(model, nn.Flatten(0))  # (N * 3,) instead of (N, 3)
+    with pytest.raises(ValueError, match=r"expected model\(inputs\) to return \(4, num_classes\)"):
+        class_activation_maps(flat, x, layer="0.conv3")
     # And an error from inside torchcam: a non-spatial layer.
     with pytest.raises(ValueError, match="expected layer 'fc' to output"):
         class_activation_maps(model, x, layer="fc")
@@ -525,14 +526,35 @@ def test_reshape_turns_vit_tokens_into_a_map():
 # bad input
 
 
+@pytest.mark.parametrize(
+    "name, method",
+    [
+        ("LayerCAM", "LayerCAM"),
+        ("gradcam", "GradCAM"),
+        ("GradCam", "GradCAM"),
+        ("scorecam", "ScoreCAM"),
+        ("GradCAM++", "GradCAMpp"),
+        ("gradcampp", "GradCAMpp"),
+        ("SmoothGradCAM++", "SmoothGradCAMpp"),
+        ("x-grad-cam", "XGradCAM"),
+    ],
+)
+def test_method_names_ignore_case_and_take_plus_plus(name, method):
+    assert check_cam_method(name) == method
+    model = SimpleCNN().eval()
+    result = class_activation_maps(model, torch.randn(1, 1, 28, 28), method=name, layer="conv2")
+    assert result.method == method
+
+
 def test_bad_method_name_says_which_exist():
-    assert check_cam_method("LayerCAM") == "LayerCAM"
     with pytest.raises(
         ValueError,
-        match=r"expected a CAM method, one of GradCAM, .*got 'GradCam' "
+        match=r"expected a CAM method, one of GradCAM, .*got 'GradKAM' "
         r"\(did you mean 'GradCAM'\?\)",
     ):
-        check_cam_method("GradCam")
+        check_cam_method("GradKAM")
+    with pytest.raises(ValueError, match=r"got 'grad cam\+\+\+' \(did you mean 'GradCAMpp'\?\)"):
+        check_cam_method("grad cam+++")
     with pytest.raises(ValueError, match="got 'CAM'"):
         class_activation_maps(SimpleCNN(), torch.randn(1, 1, 28, 28), method="CAM")
 
@@ -555,8 +577,6 @@ def test_bad_layer_name_lists_the_closest_names():
         ),
         (torch.zeros(3, dtype=torch.long), r"expected targets of shape \(2,\).*got shape \(3,\)"),
         (torch.zeros(2), r"integer classes.*dtype torch.float32"),
-        (torch.tensor([0, 10]), r"expected targets in \[0, 10\).*got values \[0, 10\]"),
-        (torch.tensor([-1, 0]), r"expected targets in \[0, 10\)"),
     ],
 )
 def test_bad_targets(targets, message):
@@ -649,3 +669,61 @@ def test_cam_caption_names_method_layer_and_each_row():
     assert ("WRONG" in caption) == (p != [0, 1])
     no_targets = cam_caption(class_activation_maps(model, x, layer="conv2"))
     assert "true" not in no_targets and "columns: input, predicted." in no_targets
+
+
+def test_labels_that_are_not_classes_get_no_true_map_and_the_others_are_drawn(trained, held_out):
+    x, y, _ = held_out
+    x = x[:4]
+    pred = class_activation_maps(trained, x, layer="conv3").pred
+    wrong = (pred + 1) % CLASSES  # a real class the model did not predict
+    targets = torch.tensor([-100, int(wrong[1]), CLASSES, int(wrong[3])])  # ignore_index, past
+    result = class_activation_maps(trained, x, layer="conv3", targets=targets)
+    assert result.target_is_class.tolist() == [False, True, False, True]
+    assert result.target.tolist() == targets.tolist()  # the labels as given
+    # the real classes get torchcam's map for their class, as if asked alone
+    alone = class_activation_maps(trained, x[[1, 3]], layer="conv3", targets=wrong[[1, 3]])
+    torch.testing.assert_close(result.true_maps[[1, 3]], alone.true_maps)
+    assert not torch.equal(result.true_maps[1], result.pred_maps[1])
+
+    grid = cam_grid(x, result, alpha=1.0)
+    tile, pad = 64, 2
+    left = 2 * (tile + pad) + pad  # the third column, the true class
+    cells = [grid[pad + r * (tile + pad) :][:tile, left : left + tile] for r in range(4)]
+    assert (cells[0] == 255).all() and (cells[2] == 255).all()  # white: no true-class map
+    assert cells[1].float().std() > 0 and cells[3].float().std() > 0  # drawn
+    caption = cam_caption(result)
+    assert "1: pred" in caption and "label -100 is not a class: no true-class map" in caption
+    assert f"label {CLASSES} is not a class: no true-class map" in caption
+    assert f"true {int(wrong[1])} WRONG" in caption
+    assert "white: label not a class" in caption
+
+
+class Uint8Net(nn.Module):
+    """A network taking uint8 images, normalised inside the model."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float() / 255 * 4 - 2)  # (N, 1, H, W) uint8 -> [-2, 2]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_integer_inputs_take_their_gradients_at_the_layer(trained, held_out, frozen):
+    x, y, _ = held_out
+    pixels = ((x[:4] + 2) / 4 * 255).round().clamp(0, 255).to(torch.uint8)  # (4, 1, 32, 32)
+    model = Uint8Net(copy.deepcopy(trained)).eval()
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+    hooks = all_hooks(model)
+    result = class_activation_maps(model, pixels, layer="net.conv3", targets=y[:4])
+    # the same maps as the float network given the same normalised floats
+    expected = class_activation_maps(
+        trained, pixels.float() / 255 * 4 - 2, layer="conv3", targets=y[:4]
+    )
+    torch.testing.assert_close(result.pred_maps, expected.pred_maps)
+    torch.testing.assert_close(result.true_maps, expected.true_maps)
+    assert result.pred_maps.amax() > 0
+    assert all_hooks(model) == hooks  # our hook went with torchcam's
+    assert all(p.requires_grad == (not frozen) for p in model.parameters())

@@ -195,7 +195,10 @@ def _fit_accumulating(tmp_path, cam, method="GradCAM"):
     torch.manual_seed(0)
     model = UserModes()
     cb = FeatureMapCallback(
-        layers=["conv1"], cam=method if cam else None, cam_layer="conv2", strict=True
+        layers=["conv1"],
+        cam=method if cam else None,
+        cam_layer="conv2" if cam else None,
+        strict=True,
     )
     before, after = Snapshot(), Snapshot()
     trainer = tiny_trainer(
@@ -506,8 +509,18 @@ def test_target_fn_returning_no_classes_is_reported(tmp_path):
 
 
 def test_unknown_cam_method_or_layer_fails_at_construction_or_fit_start(tmp_path):
-    with pytest.raises(ValueError, match=r"expected a CAM method.*got 'GradCam'.*'GradCAM'\?"):
-        FeatureMapCallback(layers=["conv1"], cam="GradCam")
+    with pytest.raises(ValueError, match=r"expected a CAM method.*got 'GradKam'.*'GradCAM'\?"):
+        FeatureMapCallback(layers=["conv1"], cam="GradKam")
+    # names in any case, ++ for pp: kept as torchcam spells them
+    assert FeatureMapCallback(layers=["conv1"], cam="gradcam").cam == "GradCAM"
+    assert FeatureMapCallback(layers=["conv1"], cam="GradCAM++").cam == "GradCAMpp"
+    assert FeatureMapCallback(layers=["conv1"], cam="scorecam").cam == "ScoreCAM"
+    # a cam_layer without cam (even misspelt) is refused, not silently ignored
+    for layer in ("conv2", "conv9"):
+        with pytest.raises(
+            ValueError, match=rf"expected `cam`.*with `cam_layer`, got cam_layer='{layer}'"
+        ):
+            FeatureMapCallback(layers=["conv1"], cam_layer=layer)
     cb = FeatureMapCallback(layers=["conv1"], cam="GradCAM", cam_layer="conv9")
     with pytest.raises(ValueError, match="conv9"):
         tiny_trainer(tmp_path, [cb]).fit(

@@ -37,8 +37,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fm_lightning.callbacks
+import fm_lightning.examples
 from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN, rendering
-from fm_lightning.examples import TopKExamples, examples_grid, receptive_field
+from fm_lightning.examples import TopKExamples, content_ids, examples_grid, receptive_field
 
 HERE = os.path.abspath(__file__)
 
@@ -198,14 +199,16 @@ def test_known_answer_each_channel_gets_the_images_with_its_strongest_bars(tmp_p
     drawn = _record(monkeypatch, fm_lightning.callbacks, "examples_grid")
     cb = FeatureMapCallback(layers=["conv"], examples=4, save_dir=str(tmp_path / "maps"))
     model = BarsClassifier()
-    # batches of 5, 5 and 2: the top-k runs across batches, with dataset indices
+    # batches of 5, 5 and 2: the top-k runs across batches; inputs are told apart by content
     loader = DataLoader(data, batch_size=5)
     _fit(tmp_path, cb, model=model, train=loader, val=loader, limit_val_batches=1.0, max_epochs=1)
 
     (((result,), _),) = drawn
+    ids = content_ids(images)  # (12,) what the callback identifies each input by
     for channel, strength, centre in ((0, h_strength, h_centre), (1, v_strength, v_centre)):
-        expected = ranked(strength, torch.arange(12), 4)
-        assert result.indices[channel].tolist() == expected
+        best = ranked(strength, ids, 4)  # ids, by strength (then id)
+        assert result.indices[channel].tolist() == best
+        expected = [ids.tolist().index(i) for i in best]  # their dataset indices
         assert torch.equal(result.scores[channel], BAR * strength[expected])  # the whole bar
         assert torch.equal(result.positions[channel], centre[expected] - 2)  # on its centre
         bar = torch.zeros(4, 1, BAR, BAR)  # the crop is the bar, centred, nothing else
@@ -220,7 +223,7 @@ def test_known_answer_each_channel_gets_the_images_with_its_strongest_bars(tmp_p
     rf = receptive_field(model, model.conv, images)
     brute = TopKExamples(4, torch.arange(3), rf)
     with torch.no_grad():
-        brute.update(model.conv(images), images, torch.arange(12))
+        brute.update(model.conv(images), images, ids)
     expected_png = examples_grid(brute.result(), cmap=cb.cmap).numpy()
     png = _assert_not_blank(tmp_path / "maps" / "conv" / "examples" / "epoch=000.png")
     assert np.array_equal(png, expected_png)
@@ -348,12 +351,106 @@ def test_order_activation_examples_rows_are_the_channels_the_maps_draw(
         assert maps_columns[0] != list(range(5)), maps_columns[0]
 
 
+# ---------------------------------------------------------------- unusual set-ups
+
+
+def test_absurd_examples_are_refused_at_construction_with_the_bound():
+    for k in (10**6, 101, -1):
+        with pytest.raises(
+            ValueError, match=rf"expected `examples` to be an int in \[0, 100\], got {k}"
+        ):
+            FeatureMapCallback(layers=["conv1"], examples=k)
+    assert FeatureMapCallback(layers=["conv1"], examples=100).examples == 100
+
+
+def test_examples_beyond_the_validation_set_keep_only_the_inputs_there_are(tmp_path, monkeypatch):
+    drawn = _record(monkeypatch, fm_lightning.callbacks, "examples_grid")
+    cb = FeatureMapCallback(layers=["conv2"], examples=100, save_dir=str(tmp_path / "maps"))
+    val = random_loader(n=24, seed=1)
+    _fit(tmp_path, cb, val=val, max_epochs=1, limit_val_batches=1.0)
+    (((result,), _),) = drawn
+    assert result.scores.shape == (32, 24)  # 24 slots a channel, not 100
+    assert (result.indices >= 0).all()  # every slot an input, no empty ones
+    caption = json.loads((tmp_path / "maps" / "stats.json").read_text())["history"][0]["captions"]
+    assert caption["conv2/examples"].startswith("epoch 0: top 24 validation inputs")
+
+
+class _EmptyBatches(torch.utils.data.Dataset):
+    """Validation batches, prebuilt: some with 0 rows (first and in the middle)."""
+
+    def __init__(self, x, y, sizes):
+        starts = np.cumsum([0, *sizes])
+        self.batches = [(x[a:b], y[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+class _SkipsEmpty(ImageClassifier):
+    """A model whose validation_step passes over batches with no rows (torchmetrics cannot)."""
+
+    def validation_step(self, batch, batch_idx):
+        if len(batch[0]):
+            super().validation_step(batch, batch_idx)
+
+
+def test_a_validation_batch_with_no_rows_is_a_no_op(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 1, 28, 28, generator=g), torch.randint(0, 10, (24,), generator=g)
+
+    def examples(sizes, name):
+        drawn = _record(monkeypatch, fm_lightning.callbacks, "examples_grid")
+        cb = FeatureMapCallback(
+            layers=["conv1", "conv2"], examples=3, save_dir=str(tmp_path / name), strict=True
+        )
+        val = DataLoader(_EmptyBatches(x, y, sizes), batch_size=None)
+        torch.manual_seed(0)  # the same weights in both fits
+        model = _SkipsEmpty(SimpleCNN())
+        _fit(tmp_path / name, cb, model=model, val=val, max_epochs=2, limit_val_batches=1.0)
+        return [args[0] for args, _ in drawn]
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        gaps = examples([0, 8, 0, 8, 0, 8], "gaps")
+    assert not [w for w in record if "examples" in str(w.message)], [str(w.message) for w in record]
+    plain = examples([8, 8, 8], "plain")
+    assert len(gaps) == len(plain) == 4  # both layers, both epochs: none dropped
+    for a, b in zip(gaps, plain, strict=True):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_low_precision_models_measure_the_receptive_field_in_their_dtype(
+    tmp_path, monkeypatch, precision
+):
+    fields = _record(monkeypatch, fm_lightning.examples, "receptive_field")
+    cb = FeatureMapCallback(
+        layers=["conv2"], examples=3, save_dir=str(tmp_path / "maps"), strict=True
+    )
+    # SGD with lr=0: Adam's eps (1e-8) is 0 in float16 and would fill the weights with NaN
+    model = ImageClassifier(SimpleCNN(), optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    _fit(tmp_path, cb, model=model, max_epochs=1, precision=precision)
+    dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}[precision]
+    ((args, _),) = fields  # measured once, in the model's dtype
+    assert args[2].dtype == dtype
+    png = _assert_not_blank(tmp_path / "maps" / "conv2" / "examples" / "epoch=000.png")
+    # the same field as the float32 model's: 5x5 conv, 2x2 pool, 5x5 conv
+    model = SimpleCNN()
+    rf = receptive_field(model, model.conv2, torch.randn(2, 1, 28, 28))
+    assert cb._fields["conv2"] == rf
+    assert _grid_rows(png, rf.height) == 32  # a row per channel
+
+
 # ---------------------------------------------------------------- DDP (subprocesses)
 
 
-def _ddp_examples(tmp_path, devices: int, val_size: int) -> list:
-    out = tmp_path / f"devices={devices}"
+def _ddp_examples(tmp_path, devices: int, val_size: int, sampler: str = "distributed") -> list:
+    out = tmp_path / f"devices={devices}-{sampler}"
     cmd = [sys.executable, HERE, str(out), "--devices", str(devices), "--val-size", str(val_size)]
+    cmd += ["--sampler", sampler]
     # PYTHONPATH: the processes import this checkout's fm_lightning, whatever is installed
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
@@ -392,12 +489,53 @@ def test_ddp_two_cpu_processes_give_the_examples_of_one(tmp_path):
 def test_ddp_padded_shard_counts_the_repeated_input_once(tmp_path):
     # 63 inputs on 2 ranks: DistributedSampler pads rank 1's shard with input 0 again.
     one = _ddp_examples(tmp_path, devices=1, val_size=63)
-    assert any((r["indices"] == 0).any() for r in one)  # input 0 is in some channel's top-k
+    first = int(content_ids(_ddp_inputs(63)[:1]))  # input 0, as the callback identifies it
+    assert any((r["indices"] == first).any() for r in one)  # it is in some channel's top-k
     two = _ddp_examples(tmp_path, devices=2, val_size=63)
     _assert_same_examples(two, one)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["none", "shard"])
+def test_ddp_without_distributed_sampler_gives_the_true_top_k(tmp_path, sampler):
+    # none: use_distributed_sampler=False, every rank validates all 64 inputs in order;
+    # shard: a custom sampler gives rank r the inputs r*32..r*32+31 (not DistributedSampler's
+    # strided shards). Either way the merged top-k is the one process's over the 64 inputs.
+    one = _ddp_examples(tmp_path, devices=1, val_size=64)
+    two = _ddp_examples(tmp_path, devices=2, val_size=64, sampler=sampler)
+    _assert_same_examples(two, one)
+    for result in one:  # distinct inputs, none dropped as a duplicate of another
+        kept = result["indices"][result["indices"] >= 0]
+        assert len(kept) == result["indices"].numel()
+
+
 # ---------------------------------------------------------------- the DDP script
+
+
+class _Shards(torch.utils.data.Sampler):
+    """Rank r of w gets the r-th contiguous block of the inputs (rank known once DDP runs)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _block(self) -> range:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        size = self.n // world
+        return range(rank * size, (rank + 1) * size)
+
+    def __iter__(self):
+        return iter(self._block())
+
+    def __len__(self) -> int:
+        return len(self._block())
+
+
+def _ddp_inputs(val_size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(val_size, 1, 28, 28, generator=g)  # (N, 1, 28, 28)
+    x[0] *= 3  # input 0 excites most channels most: among the top-k, where padding repeats it
+    return x
 
 
 def _ddp_main() -> None:
@@ -405,6 +543,9 @@ def _ddp_main() -> None:
     parser.add_argument("out")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--val-size", type=int, default=64)
+    parser.add_argument(
+        "--sampler", choices=["distributed", "none", "shard"], default="distributed"
+    )
     args = parser.parse_args()
 
     drawn = []  # every ExamplesResult this process draws (rank zero alone draws)
@@ -415,10 +556,10 @@ def _ddp_main() -> None:
         return real_grid(result, *a, **kw)
 
     fm_lightning.callbacks.examples_grid = recording_grid
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.val_size, 1, 28, 28, generator=g)  # (N, 1, 28, 28)
-    x[0] *= 3  # input 0 excites most channels most: among the top-k, where padding repeats it
-    val = DataLoader(TensorDataset(x, torch.randint(0, 10, (args.val_size,), generator=g)), 8)
+    x = _ddp_inputs(args.val_size)
+    labels = torch.randint(0, 10, (args.val_size,), generator=torch.Generator().manual_seed(2))
+    sampler = _Shards(args.val_size) if args.sampler == "shard" else None
+    val = DataLoader(TensorDataset(x, labels), 8, sampler=sampler)
     torch.manual_seed(0)  # the same weights in every process and run; a zero learning rate
     model = ImageClassifier(SimpleCNN(), optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     cb = FeatureMapCallback(
@@ -428,6 +569,7 @@ def _ddp_main() -> None:
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
+        use_distributed_sampler=args.sampler == "distributed",
         max_epochs=2,
         limit_train_batches=2,
         num_sanity_val_steps=0,

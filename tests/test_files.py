@@ -14,7 +14,13 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from fm_lightning.files import atomic_write, save_png, to_png_bytes
+from fm_lightning.files import (
+    atomic_write,
+    distinct_path_parts,
+    safe_path_part,
+    save_png,
+    to_png_bytes,
+)
 from fm_lightning.rendering import feature_grid
 
 
@@ -159,3 +165,19 @@ def test_next_save_removes_temp_files_of_killed_writers_but_not_live_ones(tmp_pa
             assert im.getpixel((0, 0)) == (255, 255, 255)
     finally:
         kill(live)
+
+
+def test_distinct_path_parts_never_give_two_names_one_folder():
+    names = ["a b", "a_b", "a/b", "cam", "conv1", "..", "a b"]
+    parts = distinct_path_parts(names, reserved=["cam", "stats.json"])
+    assert parts == {
+        "a b": "a_b",
+        "a_b": "a_b~2",
+        "a/b": "a_b~3",
+        "cam": "cam~2",  # the CAM pictures' folder is not a layer's
+        "conv1": "conv1",
+        "..": "__",
+    }
+    assert len(set(parts.values())) == len(parts)
+    # a suffixed part is never another name's own: safe_path_part makes no "~"
+    assert safe_path_part("a_b~2") == "a_b_2"

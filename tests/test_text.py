@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from fm_lightning.text import stamp, text_width
+from fm_lightning.text import stamp, text_width, visible
 
 
 def pil_drawn(text: str, color: tuple[int, int, int], size: int, xy=(3, 2), shape=(20, 90)):
@@ -16,7 +16,7 @@ def pil_drawn(text: str, color: tuple[int, int, int], size: int, xy=(3, 2), shap
 
 
 @pytest.mark.parametrize(
-    "text", ["74.6", "-0.0123", "1.23e+03", "ch 12", "dead", "\u2013", "nan", "-inf", "none"]
+    "text", ["74.6", "-0.0123", "1.23e+03", "ch 12", "dead", "nan", "-inf", "none"]
 )
 @pytest.mark.parametrize("color", [(0, 0, 0), (214, 39, 40)])
 def test_stamp_draws_what_pil_draws(text, color):
@@ -61,3 +61,25 @@ def test_stamp_rejects_what_is_not_rgb_uint8():
         stamp(np.zeros((4, 4), np.uint8), (0, 0), "x", (0, 0, 0))
     with pytest.raises(ValueError, match=r"got \(4, 4, 3\) float32"):
         stamp(np.zeros((4, 4, 3), np.float32), (0, 0), "x", (0, 0, 0))
+
+
+def _stamped(text: str, shape=(20, 160)) -> np.ndarray:
+    pixels = np.full((*shape, 3), 255, dtype=np.uint8)
+    stamp(pixels, (3, 2), text, (0, 0, 0), size=10)
+    return pixels
+
+
+def test_text_the_font_lacks_is_drawn_from_a_fallback_or_escaped_never_as_a_box():
+    # what the default font draws for any character it lacks: the box to never see
+    box = pil_drawn("\ue000", (0, 0, 0), 10)[:, :12]
+    assert (box != 255).any()
+    assert visible("conv 中 😀\tx\ny") == "conv \\u4e2d 😀\\tx\\ny"  # 😀: DejaVu has one
+    for text, escaped in (("中", "\\u4e2d"), ("\t", "\\t"), ("\n", "\\n"), ("\u200b", "\\u200b")):
+        assert np.array_equal(_stamped(text), _stamped(escaped)), text
+        assert text_width(text) == text_width(escaped) > 0
+    for ch in "é→😀–":  # in DejaVu Sans: drawn, and not as the box
+        drawn = _stamped(ch)
+        assert visible(ch) == ch and (drawn != 255).any(), ch
+        assert not np.array_equal(drawn[:, :12], box), ch
+        assert not np.array_equal(drawn, _stamped("\ue000")), ch
+    assert np.array_equal(_stamped("ch 12"), pil_drawn("ch 12", (0, 0, 0), 10, shape=(20, 160)))

@@ -18,7 +18,7 @@ import yaml
 from conftest import REPO, random_loader, tiny_trainer
 from PIL import Image, ImageDraw, ImageFilter
 
-from fm_lightning import ImageClassifier, MNISTDataModule, SimpleCNN
+from fm_lightning import ImageClassifier, MNISTDataModule, SimpleCNN, rendering
 from fm_lightning.capture import resolve_layers
 from fm_lightning.cli import main as train_main
 from fm_lightning.data import load_mnist
@@ -741,14 +741,33 @@ def test_config_is_found_in_the_run_directory(ckpt, digits, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--cam", "GradCam"], "expected a CAM method, one of GradCAM,"),
+        (["--cam", "GradKam"], "expected a CAM method, one of GradCAM,"),
         (["--cam", "GradCAM", "--cam-layer", "cnv2"], "'cnv2' matches nothing"),
         (["--cam", "GradCAM", "--cam-layer", "conv*"], "to match one module, got 2: conv1, conv2"),
         (["--cam", "GradCAM", "--cam-layer", "fc1"], "expected layer 'fc1' to output (N, C, h, w)"),
         (["--cam-layer", "conv2"], "--cam-layer needs --cam METHOD"),
-        (["--examples", "0"], "expected an integer >= 1, got 0"),
+        (["--examples", "0"], "expected an integer in [1, 100], got 0"),
+        (["--examples", "1000000000"], "expected an integer in [1, 100], got 1000000000"),
+        (["--examples", "many"], "expected an integer in [1, 100], got many"),
+        (["--max-channels", "0"], "expected an integer in [1, 1024], got 0"),
+        (["--max-channels", "99999999999"], "expected an integer in [1, 1024], got 99999999999"),
+        (["--seed", "-1"], "expected an integer in [0, 4294967295], got -1"),
+        (["--seed", str(2**64)], f"expected an integer in [0, 4294967295], got {2**64}"),
     ],
-    ids=["method", "layer", "two-layers", "flat-layer", "no-cam", "examples"],
+    ids=[
+        "method",
+        "layer",
+        "two-layers",
+        "flat-layer",
+        "no-cam",
+        "examples",
+        "examples-huge",
+        "examples-text",
+        "channels",
+        "channels-huge",
+        "seed-negative",
+        "seed-huge",
+    ],
 )
 def test_bad_cam_and_examples_arguments(args, expected, digits, tmp_path, capsys):
     out = tmp_path / "out"
@@ -810,3 +829,57 @@ def test_as_a_process(timm_run, mnist_dir, tmp_path):
     assert bad.stderr.startswith("error: --cam GradCAM at --cam-layer fc: ")
     assert bad.stderr.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_config_builds_only_the_net_and_calls_nothing_else(digits, tmp_path, capsys):
+    """A config's optimizer, scheduler, data or trainer sections naming a function with
+    init_args (os.system here) run nothing: only model.net is ever instantiated."""
+    marker = tmp_path / "ran"
+    command = {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}
+    base = ["--untrained", "--image", *digits, "--out", str(tmp_path / "out")]
+    config = tmp_path / "config.yaml"
+    net = {"class_path": "fm_lightning.SimpleCNN"}
+    sections = {
+        "model": {"net": net, "optimizer": command, "lr_scheduler": command},
+        "data": {"batch_size": 8, "data_dir": command},
+        "trainer": {"callbacks": [command], "logger": command},
+        "optimizer": command,
+        "lr_scheduler": command,
+    }
+    config.write_text(yaml.safe_dump(sections))
+    assert main([*base, "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "model:   ImageClassifier(net=fm_lightning.models.SimpleCNN)" in out
+    assert not marker.exists()
+
+    # the data section's numbers are read, never built: a function there is an error
+    sections["data"] = {"mean": command}
+    config.write_text(yaml.safe_dump(sections))
+    err = _one_error(capsys, [*base, "--config", str(config)])
+    assert "cannot read the data: section" in err and "mean" in err
+    # and model.net itself must be a network
+    sections["data"] = {}
+    sections["model"]["net"] = command
+    config.write_text(yaml.safe_dump(sections))
+    err = _one_error(capsys, [*base, "--config", str(config)])
+    assert f"cannot build the model of {config}" in err
+    assert not marker.exists()
+
+
+def test_a_layer_named_cam_and_layers_with_one_safe_name_get_folders_of_their_own(
+    digits, tmp_path, capsys
+):
+    # test_callback.CollidingNames: layers "cam", "a b" and "a_b" (one safe name: a_b)
+    config = _config(tmp_path / "c.yaml", {"class_path": "test_callback.CollidingNames"})
+    out = tmp_path / "out"
+    argv = ["--untrained", "--config", config, "--image", *digits, "--out", str(out)]
+    argv += ["--layers", "cam", "a b", "a_b", "--cam", "gradcam", "--cam-layer", "a_b"]
+    assert main(argv) == 0
+    written = capsys.readouterr().out
+    for folder, channels in (("cam~2", 4), ("a_b", 6), ("a_b~2", 8)):
+        assert f"  {folder}/untrained.png" in written
+        expected = rendering.feature_grid(torch.zeros(2, channels, 28, 28)).shape
+        assert _png(out / folder / "untrained.png").shape == expected
+    # cam/ holds the CAM alone: input and predicted-class columns (no labels for --image)
+    assert _png(out / "cam" / "untrained.png").shape[1] == 2 * 84 + 3 * 2
+    assert "GradCAM on a_b" in written

@@ -32,6 +32,7 @@ if __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("--fail-on-rank", type=int, default=None)
     parser.add_argument("--cam", default=None, help="a torchcam method, drawn at conv2")
+    parser.add_argument("--examples", type=int, default=0, help="top examples per channel")
     args = parser.parse_args()
 
     def pick_input(batch):
@@ -47,6 +48,7 @@ if __name__ == "__main__":
         input_fn=pick_input,
         cam=args.cam,
         cam_layer="conv2" if args.cam else None,
+        examples=args.examples,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
