@@ -77,6 +77,7 @@ def test_t_max_left_out_without_epochs_is_one_error_line(tmp_path, monkeypatch, 
 # ---------------------------------------------------------------- one directory per run
 
 
+@pytest.mark.slow
 def test_readme_tensorboard_flag_writes_into_the_run_directory(tmp_path, monkeypatch, mnist_dir):
     # README: --trainer.logger+=...TensorBoardLogger --trainer.logger.save_dir=logs once put
     # the run in logs/debug/version_0 and logs/lightning_logs/version_0.

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import sysconfig
 
+import pytest
 from conftest import REPO
 
 # A tiny real fit in a project that has only the vendored fm_lightning/ folder: maps, top-k
@@ -58,6 +59,7 @@ def vendoring_list() -> list[str]:
     return re.findall(r"`([\w./]+)`", sentence[1])
 
 
+@pytest.mark.slow
 def test_readme_vendoring_list_is_complete(tmp_path):
     listed = vendoring_list()
     assert "callbacks.py" in listed, listed
