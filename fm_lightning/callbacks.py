@@ -33,7 +33,7 @@ from typing import Any, Literal, NamedTuple
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from torch import nn
@@ -269,6 +269,11 @@ class FeatureMapCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve(pl_module)  # after configure_model(), before the first training step
+        cam = f", {self.cam} at {self.cam_layer or 'the last spatial layer'}" if self.cam else ""
+        rank_zero_info(
+            f"FeatureMapCallback: drawing {', '.join(self._modules)}{cam} every "
+            f"{self.every_n_epochs} epoch(s); gallery: {os.path.join(self.local_dir, 'index.html')}"
+        )
         if not _has_validation(trainer, pl_module):
             rank_zero_warn(
                 "FeatureMapCallback: this fit has no validation loop (no validation_step, no "

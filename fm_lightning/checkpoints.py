@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import inspect
 import io
 import os
 import pickle
@@ -341,6 +342,7 @@ def read_config(path: str | os.PathLike) -> RunConfig:
             f"{path} has no model: section; expected the {CONFIG_FILE} that `python train.py` "
             "saves in its run directory (model: net: class_path: ...)."
         )
+    _check_from_train_py(path, raw["model"])
     data = raw.get("data")
     if not isinstance(data, dict | None):
         raise CheckpointError(f"expected the data: section of {path} to be a mapping, got {data!r}")
@@ -368,6 +370,20 @@ def read_config(path: str | os.PathLike) -> RunConfig:
         else None,
         cam_layer=cam_layer if isinstance(cam_layer, str) else None,
     )
+
+
+def _check_from_train_py(path: Path, model: dict) -> None:
+    """A ``model:`` section of ImageClassifier's arguments, as train.py saves; another
+    LightningCLI project's (its own class or arguments) is named as such, not as a broken one."""
+    other = model.get("class_path") or ", ".join(
+        sorted(set(model) - set(inspect.signature(ImageClassifier).parameters))
+    )
+    if other:
+        raise CheckpointError(
+            f"{path} is the config of another project's LightningCLI run (model: {other}); the "
+            "visualizer rebuilds only the models `python train.py` trains (ImageClassifier "
+            "with a --model.net), so run it on a train.py checkpoint."
+        )
 
 
 def model_from_config(

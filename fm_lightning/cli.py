@@ -19,16 +19,24 @@ claims ``<save_dir>/<name>/version_<N>`` by creating it, which only one process 
 ``version: null``, so running it again is a new run. An int count such as
 ``--trainer.limit_val_batches=1`` stays an int (one batch, not 1.0: all of them). A model or
 data argument out of range is one ``error: --flag: expected ...`` line and exit status 2, as a
-malformed one is.
+malformed or misspelt one is (with the closest real flag), and hardware the machine lacks.
+
+A first run says what it does and nothing it need not: loggers after the first share its run
+directory, the cosine schedule's ``T_max: null`` follows ``trainer.max_epochs``, every logger
+gets the whole config, output that is not a terminal gets one line per epoch instead of a
+progress bar, and known deprecations inside the pinned libraries are filtered narrowly.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import netrc
 import os
 import re
+import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from contextlib import suppress
 from datetime import timedelta
@@ -36,13 +44,16 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from fm_lightning.callbacks import FeatureMapCallback
 from fm_lightning.data import MNISTDataModule
 from fm_lightning.models import ImageClassifier
+from fm_lightning.progress import EpochLinesProgressBar
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -92,6 +103,22 @@ class CLITrainer(pl.Trainer):
         )
 
 
+class CosineAnnealingLR(torch.optim.lr_scheduler.CosineAnnealingLR):
+    """torch's CosineAnnealingLR, whose ``T_max`` may be left out (``null``): train.py then sets
+    it to ``trainer.max_epochs``, so that the cosine ends with the run however long it is.
+
+    (torch's own class requires ``T_max``, so the CLI would refuse the config before it could
+    fill it in.)
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, T_max: int | None = None, eta_min: float = 0.0
+    ) -> None:
+        if T_max is None:
+            raise ValueError("expected T_max, the number of epochs to anneal over, got None")
+        super().__init__(optimizer, T_max=T_max, eta_min=eta_min)
+
+
 class FMLightningCLI(LightningCLI):
     """train.py's LightningCLI: ImageClassifier + MNISTDataModule, parsed but not run.
 
@@ -109,6 +136,7 @@ class FMLightningCLI(LightningCLI):
             seed_everything_default=42,
             parser_kwargs={"default_config_files": [str(default_config)]} if default_config else {},
             save_config_callback=RunConfigCallback,
+            parser_class=CLIParser,
             save_config_kwargs={"save_to_log_dir": False},  # RunConfigCallback.save_config does it
             auto_configure_optimizers=False,  # the optimizer is a --model.optimizer argument
             trainer_class=CLITrainer,
@@ -131,9 +159,15 @@ class FMLightningCLI(LightningCLI):
         if uses_wandb and "WANDB_MODE" not in os.environ and not _wandb_key_available():
             # No account on this machine: write the run locally, upload later with `wandb sync`.
             os.environ["WANDB_MODE"] = "offline"
-        # config.yaml records what was asked, not the version claimed below: run again, it
-        # starts a new run instead of writing into this one's directory.
+        # config.yaml records what was asked, not the version claimed below nor the T_max
+        # derived here: run again, it starts a new run (of its own length) instead of writing
+        # into this one's directory.
         self._asked = self.config.clone()
+        try:
+            _fit_schedule_to_run(self.config)
+        except ValueError as err:
+            self.parser.exit(2, f"error: {err}\n")
+        _share_run_directory(loggers)
         # Lightning picks max(version)+1 only when a logger first writes, so runs started
         # together all pick the same one. Claim it now instead, on rank zero (DDP's other ranks
         # take rank zero's directories, which Lightning broadcasts).
@@ -148,6 +182,7 @@ class FMLightningCLI(LightningCLI):
                     if root not in self._claimed:
                         self._claimed[root] = claim_version_dir(root)
                     args.version = self._claimed[root]
+            _put_wandb_in_run_directory(loggers)
 
     def instantiate_classes(self) -> None:
         """Builds model, data and Trainer; an argument they reject is a one-line error."""
@@ -157,21 +192,114 @@ class FMLightningCLI(LightningCLI):
             for root, version in self._claimed.items():  # the run never started: give them back
                 with suppress(OSError):
                     (root / f"version_{version}").rmdir()
+            if isinstance(err, MisconfigurationException):  # the Trainer's: hardware, mostly
+                self.parser.exit(2, f"error: {_trainer_error(err, self.config)}\n")
             if isinstance(err, ValueError):
                 self.parser.exit(2, f"error: {_flag_error(err)}\n")
             raise
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
-        """Checks the optimizer's arguments (now that the model exists), then builds the Trainer."""
+        """Checks the optimizer's arguments (now that the model exists), then builds the Trainer,
+        with one line per epoch instead of a progress bar when the output is not a terminal."""
         _check_optimizer(self.model)
-        trainer = super().instantiate_trainer(**kwargs)
+        trainer_args = self.config_init.get("trainer") or {}
+        callbacks = trainer_args.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if (
+            trainer_args.get("enable_progress_bar") is not False
+            and not any(isinstance(cb, ProgressBar) for cb in callbacks)
+            and not _is_terminal(sys.stdout)
+        ):
+            # tqdm redraws after every batch; in a file (nohup, SLURM) every redraw stays.
+            callbacks.append(EpochLinesProgressBar())
+        trainer = super().instantiate_trainer(**{"callbacks": callbacks, **kwargs})
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigCallback):
                 callback.config = self._asked
+                callback.run_config = self.config  # what ran: the derived T_max, the versions
         return trainer
 
 
+class CLIParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one ``error: ...`` line and exit status 2, not the
+    usage of every flag; a misspelt flag gets the closest real one."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # a nested parser: the outer one reports
+            super().error(message, ex)
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        if text.startswith("unrecognized arguments:"):
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            for arg in text.split()[2:]:
+                flag = arg.split("=", 1)[0]
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
+                if close:
+                    text += f"; did you mean {close[0]}?"
+        self.exit(2, f"error: {text} (python train.py --help lists every flag)\n")
+
+
 _VERSIONED = ("CSVLogger", "TensorBoardLogger")  # loggers that number their runs version_<N>
+
+
+def _kind(logger) -> str:
+    """``TensorBoardLogger`` for a logger's ``class_path`` in the config, "" for true/false."""
+    return str(getattr(logger, "class_path", "")).rsplit(".", 1)[-1]
+
+
+def _fit_schedule_to_run(config) -> None:
+    """A learning-rate schedule whose ``T_max`` is left out (``null``) anneals over the whole run:
+    ``T_max = trainer.max_epochs``, since ImageClassifier steps its scheduler once per epoch.
+
+    Raises:
+        ValueError: T_max left out but the run has no number of epochs (``max_epochs`` unset,
+            or -1 for no limit).
+    """
+    args = getattr(config.get("model.lr_scheduler"), "init_args", None)
+    if args is None or "T_max" not in args or args.T_max is not None:
+        return
+    epochs = config.get("trainer.max_epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(
+            "--model.lr_scheduler.init_args.T_max: expected a number of epochs, since "
+            f"--trainer.max_epochs is not a number of epochs for it to follow, got {epochs}"
+        )
+    args.T_max = epochs
+
+
+def _share_run_directory(loggers: list) -> None:
+    """TensorBoard loggers after a first CSV or TensorBoard logger write into its run directory
+    (``<save_dir>/<name>/version_<N>/tensorboard``), unless given a ``version`` of their own.
+
+    Without this ``--trainer.logger+=...TensorBoardLogger`` splits a run in two:
+    ``logs/mnist/version_0`` and ``logs/lightning_logs/version_0``. Sharing ``save_dir`` and
+    ``name`` makes the version claim below give both the same N.
+    """
+    specs = [lg for lg in loggers if getattr(lg, "init_args", None) is not None]
+    if len(specs) < 2 or _kind(specs[0]) not in _VERSIONED:
+        return  # a W&B run's directory is named by its run id, which exists once it starts
+    lead = specs[0].init_args
+    for logger in specs[1:]:
+        args = logger.init_args
+        if _kind(logger) == "TensorBoardLogger" and args.get("version") is None:
+            args.save_dir, args.name = lead.save_dir, lead.get("name")
+            args.sub_dir = args.get("sub_dir") or "tensorboard"
+
+
+def _put_wandb_in_run_directory(loggers: list) -> None:
+    """A W&B logger after a first CSV or TensorBoard logger keeps its files in that logger's run
+    directory (``.../version_<N>/wandb/``), not in a ``wandb/`` that every run shares. Call it
+    once the first logger's version is claimed."""
+    specs = [lg for lg in loggers if getattr(lg, "init_args", None) is not None]
+    if len(specs) < 2 or _kind(specs[0]) not in _VERSIONED:
+        return
+    lead = specs[0].init_args
+    version = lead.get("version")
+    version = version if isinstance(version, str) else f"version_{version}"
+    run_dir = os.path.join(lead.save_dir, lead.get("name") or "", version)
+    for logger in specs[1:]:
+        args = logger.init_args
+        if _kind(logger) == "WandbLogger" and args.get("version") is None and not args.get("id"):
+            args.save_dir = run_dir
 
 
 def claim_version_dir(root: str | os.PathLike) -> int:
@@ -215,6 +343,14 @@ class RunConfigCallback(SaveConfigCallback):
         os.makedirs(run_dir, exist_ok=True)
         path = os.path.join(run_dir, self.config_filename)
         self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
+        # The whole config (optimizer, lr, network, epochs...) in every logger's hyperparameters
+        # (W&B's run config), not only the model's and data module's own arguments.
+        config = getattr(self, "run_config", None) or self.config
+        for logger in trainer.loggers:
+            try:
+                logger.log_hyperparams(config.as_dict())
+            except Exception as err:  # a logger's failure never stops the run
+                rank_zero_warn(f"{type(logger).__name__} did not take the run's config: {err}")
 
 
 def _check_optimizer(model: pl.LightningModule) -> None:
@@ -254,6 +390,36 @@ def _flag_error(err: ValueError) -> str:
     return str(err)  # _check_optimizer's, or the Trainer's: the message names the argument
 
 
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _quiet_known_warnings() -> None:
+    """Silences deprecations that the pinned libraries raise inside each other, by message and
+    module, so that a default run prints only what its user can act on."""
+    # torch 2.14 deprecates LeafSpec, which lightning 2.6's batch flattening still builds.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
+def _trainer_error(err: MisconfigurationException, config) -> str:
+    """``--trainer.accelerator=gpu: No supported gpu backend found! ...``: Lightning's words on
+    one line, after the flag that asked for hardware this machine lacks."""
+    text = " ".join(str(err).split())
+    accelerator = config.get("trainer.accelerator")
+    if isinstance(accelerator, str) and accelerator not in ("auto", "cpu"):
+        text = (
+            f"--trainer.accelerator={accelerator}: {text} Pass --trainer.accelerator=auto (a GPU "
+            "when there is one, else the CPU) or drop the config that asks for it."
+        )
+    return text
+
+
 def _wandb_key_available() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -265,17 +431,16 @@ def _wandb_key_available() -> bool:
 
 def main(args: Sequence[str] | None = None, default_config: Path | None = DEFAULT_CONFIG) -> dict:
     """Fit, then test the best checkpoint; returns the test metrics. ``args`` default to argv."""
+    _quiet_known_warnings()
     cli = FMLightningCLI(args, default_config)
     trainer = cli.trainer
     try:
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
         # The best checkpoint when one was saved; the weights in memory otherwise (debug runs).
-        ckpt = (
-            "best"
-            if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
-            else None
-        )
-        metrics = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)[0]
+        # Its path, not "best": with a second ModelCheckpoint (last.ckpt) Lightning warns that
+        # "best" is the first callback's best, which is the one meant here.
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        metrics = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)[0]
         if trainer.is_global_zero:
             _print_summary(trainer, metrics)
     finally:
