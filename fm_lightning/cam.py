@@ -174,11 +174,12 @@ def class_activation_maps(
     targets: Tensor | None = None,
     reshape: Callable[[Tensor], Tensor] | None = None,
 ) -> CamResult:
-    """Class-activation maps of ``inputs`` for the predicted and (given targets) true classes.
+    """Class-activation maps of ``inputs`` for the predicted class and a second one.
 
     One forward pass of ``inputs`` (a copy) in eval mode with gradients on, then torchcam's
-    ``method`` on ``layer`` for the predicted class and, with ``targets``, for the true class
-    (one more backward pass; for ScoreCAM more forward passes). The model's training
+    ``method`` on ``layer`` for the predicted class and for a second class: the true class where
+    ``targets`` say the prediction is wrong, else the runner-up (one more backward pass; for
+    ScoreCAM more forward passes). The model's training
     state is untouched (:func:`training_state_preserved`); torchcam's hooks are removed on exit.
 
     Args:
