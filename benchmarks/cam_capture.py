@@ -16,7 +16,7 @@ wrong (so the true-class column shows maps), is written to --out.
 
 Target 2: fit time with ``cam`` on within 2% of the same fit with it off, for the callback as the
 default run configures it (configs/default.yaml: layers conv1 and conv2, 8 probe images, top-9
-examples; ``cam="GradCAM"``, ``cam_layer="conv2"`` or ``cam=None``). SimpleCNN on MNIST in
+examples; ``cam="GradCAM"``, ``cam_layer="relu2"`` or ``cam=None``). SimpleCNN on MNIST in
 batches of 64, --fit-epochs epochs of --fit-train-batches batches and full validation (5,000
 images), CSVLogger; on and off alternate, order flipping every round, --fit-repeats rounds; the
 verdict is the median of the per-round ratios. The time spent drawing the CAM inside each fit
@@ -46,7 +46,7 @@ FIT_RATIO_TARGET = 1.02
 
 parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
 parser.add_argument("--method", choices=CAM_METHODS, default="GradCAM")
-parser.add_argument("--layer", default="conv2")
+parser.add_argument("--layer", default="relu2")
 parser.add_argument("--repeats", type=int, default=50, help="timed calls per case")
 parser.add_argument("--train-batches", type=int, default=150, help="batches of 64 to train on")
 parser.add_argument("--out", default="/tmp/cam_grid.png", help="where the picture goes")
@@ -178,7 +178,7 @@ def fit_seconds(cam: bool) -> float:
             num_images=8,
             examples=9,
             cam="GradCAM" if cam else None,
-            cam_layer="conv2",
+            cam_layer="relu2",
         )
         trainer = pl.Trainer(
             max_epochs=args.fit_epochs,

@@ -82,7 +82,9 @@ class FeatureMapCallback(Callback):
         normalize: ``"channel"`` scales each map to its own range; ``"layer"`` shares one range
             per image across channels, so magnitudes compare.
         cmap: a matplotlib colormap name.
-        order: ``"index"`` draws the first channels; ``"activation"`` the most active first.
+        order: ``"index"`` draws the first channels; ``"activation"`` the most active first, as
+            chosen at the first captured epoch and kept for the run (and in checkpoints), so a
+            column is one channel over time.
         input_key: where the model input is in a batch: a dict key or a tuple index. Default: the
             batch itself, its first element, or a usual dict key (``"image"``, ``"x"``, ...).
         input_fn: a function ``batch -> model input``. It may return a Tensor (``model(x)``), a
@@ -230,6 +232,9 @@ class FeatureMapCallback(Callback):
         self._examples_run = False  # this validation run streams examples (on every rank)
         self._stream_hooks = ExitStack()  # the stream's hooks, open for one validation batch
         self._channels_from_first_batch = False  # order="activation" before any probe exists
+        # order="activation": the channels chosen at the first captured epoch, kept for the run
+        # so that a column of the pictures is one channel over time. {layer: (C',) indices}
+        self._run_channels: dict[str, torch.Tensor] = {}
         self._fields: dict[str, ReceptiveField] = {}  # receptive fields, measured once per layer
         self._dead: dict[str, DeadChannels] = {}
         self._capturing = False  # this validation run is the one to draw
@@ -389,10 +394,12 @@ class FeatureMapCallback(Callback):
                 layouts_by_layer=self.layouts,
                 stats=self.log_stats,
                 forward_context=trainer.precision_plugin.forward_context(),
+                channels=self._run_channels,
             )
         except Exception as err:
             self._fail("capture", err)
             return
+        self._keep_channels(captured)
         if trainer.is_global_zero:
             for layer in capture.not_run(modules, captured):
                 self._warn_once(
@@ -431,6 +438,7 @@ class FeatureMapCallback(Callback):
             "probe": None if self.probe is None else capture.to_device(self.probe, "cpu"),
             "targets": None if self.probe_targets is None else self.probe_targets.cpu(),
             "dead": {layer: dead.state_dict() for layer, dead in self._dead.items()},
+            "channels": dict(self._run_channels),
         }
 
     @override
@@ -439,6 +447,7 @@ class FeatureMapCallback(Callback):
         self.probe_targets = state_dict.get("targets")
         self._probe_parts = []
         self._dead = {}
+        self._run_channels = dict(state_dict.get("channels") or {})
         for layer, state in (state_dict.get("dead") or {}).items():
             self._dead[layer] = DeadChannels()
             self._dead[layer].load_state_dict(state)
@@ -587,8 +596,17 @@ class FeatureMapCallback(Callback):
             layouts_by_layer=self.layouts,
             stats=False,
             forward_context=trainer.precision_plugin.forward_context(),
+            channels=self._run_channels,
         )
+        self._keep_channels(captured)
         return {k: c.channels for k, c in captured.items() if c.channels is not None}
+
+    def _keep_channels(self, captured: dict[str, capture.Captured]) -> None:
+        """order="activation": the first channels chosen for a layer stay its channels."""
+        if self.order == "activation":
+            for key, cap in captured.items():
+                if cap.channels is not None:
+                    self._run_channels.setdefault(key, cap.channels.cpu())
 
     def _gather_examples(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -647,7 +665,8 @@ class FeatureMapCallback(Callback):
             shown = result.channels.tolist()
             caption = (
                 f"{frame.text}: top {result.scores.shape[1]} validation inputs of channels "
-                f"{_ranges(shown)}, cropped to the receptive field; dead: "
+                f"{_ranges(shown)}, cropped to the receptive field; dead over the whole "
+                f"validation set: "
                 f"{_ranges(dead.channels) or 'none'}"
             )
             path = f"{folder}/examples/{frame.stem}.png"
@@ -694,12 +713,12 @@ class FeatureMapCallback(Callback):
                     targets=self.probe_targets,
                     reshape=reshape,
                 )
+            if self._cam_module is not None:  # named as the user named it, like the maps
+                result = dataclasses.replace(result, layer=self._cam_module[0])
             grid = cam_grid(probe.float(), result, cmap=self.cmap)
         except Exception as err:
             self._fail("cam", err)
             return []
-        if self._cam_module is not None:  # named as the user named it, like the feature maps
-            result = dataclasses.replace(result, layer=self._cam_module[0])
         if result.target_is_class is not None and not bool(result.target_is_class.all()):
             labels = sorted(set(result.target[~result.target_is_class].tolist()))
             self._warn_once(
@@ -735,7 +754,7 @@ class FeatureMapCallback(Callback):
                 )
                 continue
             try:
-                grid = rendering.feature_grid(
+                grid = rendering.feature_picture(
                     cap.act,
                     max_channels=self.max_channels,
                     normalize=self.normalize,
@@ -769,6 +788,10 @@ class FeatureMapCallback(Callback):
             except Exception as err:
                 self._fail("render", err)
         example_pictures, dead = self._example_pictures(frame, examples, scalars, folders)
+        for layer in examples:  # beside dead_channels_probe in the gallery's plot
+            value = scalars.get(f"feature_stats/{layer}/dead_channels_val")
+            if value is not None and folders.get(layer) in layer_stats:
+                layer_stats[folders[layer]]["dead_channels_val"] = value
         pictures += example_pictures + extra
         title = os.path.dirname(self.local_dir) or "feature maps"
         local = LocalRun(self.local_dir, epoch, layer_stats, dead, title, step=frame.step)

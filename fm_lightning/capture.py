@@ -281,6 +281,7 @@ def capture(
     layouts_by_layer: Mapping[str, Any] | None = None,
     stats: bool = True,
     forward_context: AbstractContextManager | None = None,
+    channels: Mapping[str, Tensor] | None = None,
 ) -> tuple[dict[str, Captured], Any]:
     """Run the probe pass and keep, per layer, the channels that will be drawn.
 
@@ -294,6 +295,9 @@ def capture(
         layouts_by_layer: ``{pattern: layout}`` overrides, see :mod:`fm_lightning.layouts`.
         stats: also compute :func:`fm_lightning.rendering.activation_stats` per layer.
         forward_context: see :func:`probe_pass`.
+        channels: ``{key: (C',) indices}`` to draw instead of choosing them (e.g. the channels
+            chosen at an earlier epoch); ignored for a layer where they do not fit (an index
+            beyond its channels, or not ``min(C, max_channels)`` of them).
 
     Returns:
         ``({key: Captured}, model output)``; keys are as :func:`forward_hooks` gives them. A
@@ -301,6 +305,7 @@ def capture(
     """
     n = num_rows(inputs)
     overrides = layouts_by_layer or {}
+    given = channels or {}
     captured: dict[str, Captured] = {}
 
     def record(key: str, module: nn.Module, output: Any) -> None:
@@ -311,14 +316,19 @@ def capture(
             captured[key] = Captured(error=str(err))
             return
         act = maps.act.detach()
-        channels = None
+        chosen = None
         drawn = act  # (N, F) is small enough to move whole
         if act.ndim == 4:  # pick the drawn channels here, on the device
-            channels = rendering.select_channels(act, max_channels, order)
-            drawn = act.index_select(1, channels)
+            chosen = given.get(key)
+            fits = chosen is not None and len(chosen) == min(act.shape[1], max_channels)
+            if fits and int(chosen.max()) < act.shape[1]:
+                chosen = chosen.to(act.device)
+            else:
+                chosen = rendering.select_channels(act, max_channels, order)
+            drawn = act.index_select(1, chosen)
         captured[key] = Captured(
             act=drawn.float().cpu(),
-            channels=None if channels is None else channels.cpu(),
+            channels=None if chosen is None else chosen.cpu(),
             total_channels=act.shape[1],
             stats=rendering.activation_stats(act) if stats else {},
             note=maps.note,

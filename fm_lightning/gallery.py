@@ -98,9 +98,10 @@ def append_stats(
         root: The feature-map directory; created if missing.
         epoch: The epoch captured. A second capture of the same epoch (a resumed run) replaces
             the first.
-        stats: ``{layer: {"mean": .., "std": .., "frac_zero": .., "dead_channels": ..}}``, as
-            :func:`fm_lightning.rendering.activation_stats` returns per layer. Layer names
-            should be the layers' directory names, so the page can pair them with the images.
+        stats: ``{layer: {"mean": .., "std": .., "frac_zero": .., "dead_channels_probe": ..}}``,
+            as :func:`fm_lightning.rendering.activation_stats` returns per layer (the callback
+            adds ``dead_channels_val``, over the whole validation set, with examples on). Layer
+            names should be the layers' directory names, so the page can pair them with images.
         captions: optional text shown under this epoch's images, keyed by what they caption:
             ``"<layer>"`` (its maps), ``"<layer>/examples"``, ``"cam"``.
         dead: optional ``{layer: {channel: epoch it has been dead since}}`` for this epoch
@@ -161,12 +162,19 @@ def append_stats(
     return path
 
 
-def write_index(root: str | os.PathLike, title: str = "Feature maps") -> Path:
+def write_index(
+    root: str | os.PathLike,
+    title: str = "Feature maps",
+    captions: Mapping[str, Mapping[str, str]] | None = None,
+) -> Path:
     """Scan ``root`` (see the module docstring) and write ``root/index.html`` atomically.
 
     Args:
         root: The feature-map directory; must exist.
         title: Page title, e.g. the run name; shown as text, never interpreted as HTML.
+        captions: Captions of frames that are not epochs (``stats.json`` holds the epochs'),
+            ``{stem: {key: text}}`` with keys as in :func:`append_stats`, e.g.
+            ``{"trained": {"conv1": "...", "cam": "..."}}`` for ``conv1/trained.png``.
 
     Returns:
         The path of ``index.html``.
@@ -188,6 +196,12 @@ def write_index(root: str | os.PathLike, title: str = "Feature maps") -> Path:
             value = value.get(key) if isinstance(value, dict) else None
         return value
 
+    def caption(i: int | None, key: str) -> str | None:
+        """The caption of ``key``'s frame at step i: recorded for its epoch, or given."""
+        if i is None:
+            return None
+        return at(i, "captions", key) or (captions or {}).get(stems[i], {}).get(key)
+
     rows = []
     for name, (frames, examples) in layers.items():
         srcs, sources = _track(stems, frames, name)
@@ -199,7 +213,7 @@ def write_index(root: str | os.PathLike, title: str = "Feature maps") -> Path:
             "name": name,
             "src": srcs,
             "from": sources,
-            "caption": [at(f, "captions", name) for f in sources],
+            "caption": [caption(f, name) for f in sources],
             "stats": series,
             # [[channel, since epoch], ...] by channel, or None where the epoch has no record
             "dead": [
@@ -207,6 +221,7 @@ def write_index(root: str | os.PathLike, title: str = "Feature maps") -> Path:
                 for i in range(len(steps))
             ],
             "examples": None,
+            "cam": name == CAM_DIR,  # drawn at its own size, its caption beside it
         }
         if examples:
             ex_srcs, ex_sources = _track(stems, examples, name, EXAMPLES_DIR)
@@ -214,7 +229,7 @@ def write_index(root: str | os.PathLike, title: str = "Feature maps") -> Path:
             row["examples"] = {
                 "src": ex_srcs,
                 "from": ex_sources,
-                "caption": [at(f, "captions", key) for f in ex_sources],
+                "caption": [caption(f, key) for f in ex_sources],
             }
         rows.append(row)
 
@@ -224,9 +239,12 @@ def write_index(root: str | os.PathLike, title: str = "Feature maps") -> Path:
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     probe = ""
     if (root / PROBE_FILE).is_file():
+        # The visualizer's frames are networks (untrained, trained), not epochs.
+        every = "epoch" if all(s["epoch"] is not None for s in steps) else "picture"
         probe = (
             f'<figure class="probe"><img id="probe" src="{quote(PROBE_FILE)}" alt="probe inputs">'
-            "<figcaption>probe inputs, the same every epoch</figcaption></figure>"
+            f"<figcaption>probe inputs, in the order of the pictures' rows; the same in every "
+            f"{every}</figcaption></figure>"
         )
     page = _page().substitute(
         title=html.escape(title),

@@ -19,7 +19,10 @@ class SimpleCNN(nn.Module):
     """The seed tutorial's LeNet-style CNN for 1x28x28 inputs.
 
     Submodule names (``conv1``, ``pool``, ``conv2``, ``fc1``, ``fc2``, ``fc3``) are what you pass to
-    ``FeatureMapCallback(layers=...)``, so they are kept exactly as in the tutorial.
+    ``FeatureMapCallback(layers=...)``, so they are kept exactly as in the tutorial. The
+    convolutions' ReLUs are modules too (``relu1``, ``relu2``; they have no weights, so checkpoints
+    load either way): ``conv2`` is the layer before its ReLU, ``relu2`` after it, the layer a
+    class-activation map needs (GradCAM's own ReLU blanks a map taken before the model's).
 
     Example:
         >>> SimpleCNN()(torch.zeros(2, 1, 28, 28)).shape
@@ -30,14 +33,16 @@ class SimpleCNN(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 16, kernel_size=5)  # 28 -> 24
         self.pool = nn.MaxPool2d(2)  # halves H and W; shared by both convs
+        self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(16, 32, kernel_size=5)  # 12 -> 8
+        self.relu2 = nn.ReLU()
         self.fc1 = nn.Linear(32 * 4 * 4, 120)  # 512 -> 120
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(F.relu(self.conv1(x)))  # (N, 16, 12, 12)
-        x = self.pool(F.relu(self.conv2(x)))  # (N, 32, 4, 4)
+        x = self.pool(self.relu1(self.conv1(x)))  # (N, 16, 12, 12)
+        x = self.pool(self.relu2(self.conv2(x)))  # (N, 32, 4, 4)
         x = torch.flatten(x, 1)  # (N, 512)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))

@@ -5,7 +5,7 @@ Example::
     act = torch.randn(4, 16, 24, 24)             # (N, C, H, W), e.g. from a forward hook
     grid = feature_grid(act, max_channels=8)     # (H_out, W_out, 3) uint8: rows = images
     save_png(grid, "feature_maps/conv1.png")      # fm_lightning.files
-    stats = activation_stats(act)                # {"mean": ..., "dead_channels": ...}
+    stats = activation_stats(act)                # {"mean": ..., "dead_channels_probe": ...}
 
 Everything here is a pure function of its inputs (no Lightning, no logger), so it can be
 tested without a Trainer. Tensor functions run on whatever device their input is on;
@@ -26,12 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from fm_lightning.text import stamp, text_width
+
 __all__ = [
     "MAX_FEATURES",
     "UnsupportedActivationError",
     "activation_stats",
+    "colorbar",
     "colorize",
     "feature_grid",
+    "feature_picture",
     "image_grid",
     "normalize_maps",
     "select_channels",
@@ -51,6 +55,15 @@ _HEATMAP_MIN_WIDTH_PX = 256
 # White: outside the perceptual colormaps (viridis, magma, ...), so it reads as a separator.
 _PAD_VALUE = 1.0
 _COMMON_CMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "gray")
+# A flat map (constant, or of a channel never above 0 on the drawn inputs) is drawn in this grey
+# rather than stretched over the colormap: a neutral grey is in none of the perceptual colormaps.
+FLAT_GREY = 0.6
+#: Labels: 10 px text on 12 px lines; dead channels' numbers in red (as in the examples grids).
+FONT_PX = 10
+LINE_PX = 12
+TEXT_RGB = (0, 0, 0)
+DEAD_RGB = (214, 39, 40)
+COLORBAR_PX = (8, 64)  # (height, width) of a colour scale
 
 
 class UnsupportedActivationError(ValueError):
@@ -211,9 +224,128 @@ def feature_grid(
         maps = act if act.dim() == 4 else act.unsqueeze(2)  # (N, C, H, W)
         min_h = min_w = _MIN_MAP_PX
     n, c = maps.shape[:2]
+    flat = _flat_maps(maps, normalize) if act.dim() > 2 else None  # (N, C)
     maps = upscale(normalize_maps(maps, normalize), min_h, min_w)  # (N, C, h, w)
-    tiles = colorize(maps, cmap).flatten(0, 1)  # (N*C, 3, h, w), image-major
-    return tile_grid(tiles, nrow=c, padding=padding)
+    tiles = colorize(maps, cmap)  # (N, C, 3, h, w)
+    if flat is not None:
+        tiles = tiles.masked_fill(flat[:, :, None, None, None], FLAT_GREY)
+    return tile_grid(tiles.flatten(0, 1), nrow=c, padding=padding)  # image-major tiles
+
+
+@torch.no_grad()
+def feature_picture(
+    act: Tensor,
+    max_channels: int = 32,
+    normalize: str = "channel",
+    cmap: str = "viridis",
+    order: str = "index",
+    padding: int = 1,
+    channels: Tensor | None = None,
+) -> Tensor:
+    """:func:`feature_grid` with what it takes to read it without the code that drew it.
+
+    Above the grid, each column's channel number (in red for a dead channel: never above 0 on
+    these inputs; staggered over several lines where the numbers are wider than the tiles).
+    Below it, the colour scale and what it spans (each map's own min..max, or each row's), the
+    range of the values drawn, and what grey tiles and red numbers mean.
+    For an (N, F) activation the header says how many features the columns are.
+
+    Arguments as :func:`feature_grid`. Returns an (H, W, 3) uint8 tensor on the CPU; the grid
+    is its top-left block below a header of :func:`header_height` pixels.
+    """
+    check_tensor(act, "act")
+    if channels is None and act.dim() in (2, 3, 4) and act.numel():
+        channels = select_channels(act, MAX_FEATURES if act.dim() == 2 else max_channels, order)
+        act = act.index_select(1, channels)
+    grid = feature_grid(act, max_channels, normalize, cmap, order, padding, channels).cpu()
+    n, c = act.shape[:2]
+    x = act.detach().float().cpu()
+    dead = None  # (C,) bool, for maps
+    if act.dim() > 2:
+        dead = _dead_channels(x if x.dim() == 4 else x.unsqueeze(2))
+    numbers = [str(ch) for ch in channels.tolist()]
+    col_w = (grid.shape[1] - padding) // c  # a tile and its separator
+    header = [] if dead is None else _column_labels(numbers, col_w)
+    top = header_height(numbers, col_w) if dead is not None else LINE_PX + 2
+    finite = x[x.isfinite()]
+    lo, hi = (finite.min().item(), finite.max().item()) if finite.numel() else (math.nan,) * 2
+    per_map = normalize == "channel" and dead is not None and tuple(x.shape[2:]) not in ((1, 1),)
+    scale = "of each map" if per_map else "of each row (image), over its columns"
+    columns = "channels" if dead is not None else f"{c} features"
+    legend = [
+        (f"values drawn: {lo:.3g} to {hi:.3g}; rows: {n} inputs, columns: {columns}", TEXT_RGB)
+    ]
+    if dead is not None:  # always said, so that every epoch's picture has the same size
+        legend.append(("grey tile: a flat map (constant, or its channel dead)", TEXT_RGB))
+        legend.append(("red number: a dead channel, never above 0 on these inputs", DEAD_RGB))
+    bar_h, bar_w = COLORBAR_PX
+    low_w = text_width("min ", FONT_PX)
+    scale_text = f" max {scale}"
+    width = max(
+        grid.shape[1],
+        low_w + bar_w + text_width(scale_text, FONT_PX) + 4,
+        *(text_width(line, FONT_PX) + 4 for line, _ in legend),
+    )
+    height = top + grid.shape[0] + LINE_PX * (len(legend) + 1) + 4
+    pixels = np.full((height, width, 3), 255, dtype=np.uint8)
+    pixels[top : top + grid.shape[0], : grid.shape[1]] = grid.numpy()
+    if dead is None:
+        stamp(pixels, (padding, 1), f"{c} features, one column each", TEXT_RGB, FONT_PX)
+    for j, (x0, y0, text) in enumerate(header):
+        stamp(pixels, (x0 + padding, y0), text, DEAD_RGB if dead[j] else TEXT_RGB, FONT_PX)
+    y = top + grid.shape[0] + 2
+    stamp(pixels, (2, y), "min", TEXT_RGB, FONT_PX)
+    pixels[y + 2 : y + 2 + bar_h, 2 + low_w : 2 + low_w + bar_w] = colorbar(cmap, bar_h, bar_w)
+    stamp(pixels, (2 + low_w + bar_w, y), scale_text, TEXT_RGB, FONT_PX)
+    for i, (line, color) in enumerate(legend, start=1):
+        stamp(pixels, (2, y + i * LINE_PX), line, color, FONT_PX)
+    return torch.from_numpy(pixels)
+
+
+def header_height(labels: list[str], col_w: int) -> int:
+    """Pixels above a grid that :func:`feature_picture` gives column labels of this width."""
+    return LINE_PX * _label_lines(labels, col_w) + 2
+
+
+def colorbar(cmap: str, height: int, width: int) -> np.ndarray:
+    """(height, width, 3) uint8: ``cmap`` from 0 (left) to 1 (right)."""
+    ramp = torch.linspace(0, 1, width).expand(height, width)
+    return colorize(ramp, cmap).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _label_lines(labels: list[str], col_w: int) -> int:
+    # As many lines as it takes for the labels of neighbouring columns not to overlap.
+    widest = max((text_width(s, FONT_PX) for s in labels), default=0)
+    return max(1, math.ceil((widest + 2) / max(col_w, 1)))
+
+
+def _column_labels(labels: list[str], col_w: int) -> list[tuple[int, int, str]]:
+    """(x, y, text) of each column's label, centred on it, staggered over lines as needed."""
+    lines = _label_lines(labels, col_w)
+    tile_w = col_w - 1
+    return [
+        (j * col_w + (tile_w - text_width(s, FONT_PX)) // 2, (j % lines) * LINE_PX + 1, s)
+        for j, s in enumerate(labels)
+    ]
+
+
+def _dead_channels(maps: Tensor) -> Tensor:
+    """(C,) bool: channels of (N, C, H, W) maps never above 0 (NaN counts as not above)."""
+    return ~(maps > 0).flatten(2).any(dim=2).any(dim=0)
+
+
+def _flat_maps(maps: Tensor, normalize: str) -> Tensor:
+    """(N, C) bool: maps drawn flat grey. Every map of a dead channel; in ``"channel"`` mode also
+    a map of more than one pixel whose finite values are all equal (its own range is empty).
+    Stretched to the colormap, such maps would look as alive as any other."""
+    flat = _dead_channels(maps)[None].expand(maps.shape[0], -1)
+    if normalize == "channel" and maps.shape[-2] * maps.shape[-1] > 1:
+        x = maps.float().flatten(2)
+        finite = x.isfinite()
+        hi = x.masked_fill(~finite, -math.inf).amax(dim=2)
+        lo = x.masked_fill(~finite, math.inf).amin(dim=2)
+        flat = flat | ~(hi > lo)
+    return flat
 
 
 @torch.no_grad()
@@ -250,8 +382,10 @@ def activation_stats(act: Tensor) -> dict[str, float]:
     Returns:
         ``mean`` and ``std`` (population std) of the finite values (NaN if there are
         none); ``frac_zero``, the fraction of all values that are exactly 0; and
-        ``dead_channels``, the fraction of channels that are <= 0 (or NaN) for every image
-        and position, i.e. dead ReLU units. All are Python floats.
+        ``dead_channels_probe``, the fraction of channels that are <= 0 (or NaN) for every
+        image and position of ``act``, i.e. dead ReLU units on these inputs alone (the
+        callback's probe; ``dead_channels_val`` is the callback's count over the whole
+        validation set). All are Python floats.
     """
     check_tensor(act, "act")
     if act.dim() < 2 or act.numel() == 0:
@@ -269,7 +403,7 @@ def activation_stats(act: Tensor) -> dict[str, float]:
     dead = (~alive).float().mean()
     # One transfer for all four numbers.
     values = torch.stack([mean, std, frac_zero, dead]).tolist()
-    return dict(zip(("mean", "std", "frac_zero", "dead_channels"), values, strict=True))
+    return dict(zip(("mean", "std", "frac_zero", "dead_channels_probe"), values, strict=True))
 
 
 def check_tensor(x: object, name: str) -> None:

@@ -6,7 +6,7 @@
     python -m fm_lightning.visualize --untrained --mnist-index 0 1 2 3   # fresh SimpleCNN, seed 0
     python -m fm_lightning.visualize --ckpt last.ckpt --mnist-index 0 1 --compare  # side by side
     python -m fm_lightning.visualize --ckpt last.ckpt --mnist-index 0 1 2 3 \
-        --examples 9 --cam GradCAM --cam-layer conv2     # what channels respond to, where it looks
+        --examples 9 --cam GradCAM --cam-layer relu2     # what channels respond to, where it looks
     python -m fm_lightning.visualize --untrained --config logs/mnist/version_3/config.yaml \
         --mnist-index 0 1                                 # that run's network, freshly initialised
 
@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m fm_lightning.visualize --untrained --mnist-index 7 --layers 'conv*'\n"
             "  python -m fm_lightning.visualize --ckpt last.ckpt --mnist-index 0 1 --compare\n"
             "  python -m fm_lightning.visualize --ckpt last.ckpt --mnist-index 0 1 2 3 "
-            "--examples 9 --cam GradCAM --cam-layer conv2"
+            "--examples 9 --cam GradCAM --cam-layer relu2"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -508,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME",
         help="layers, names or glob patterns as FeatureMapCallback takes them: SimpleCNN's are "
-        "conv1, pool, conv2, fc1, fc2, fc3; 'conv*', 'layer1.*' (default: the layers of the "
-        "run's FeatureMapCallback in its config.yaml, else conv1 conv2)",
+        "conv1, relu1, pool, conv2, relu2, fc1, fc2, fc3; 'conv*', 'layer1.*' (default: the layers "
+        "of the run's FeatureMapCallback in its config.yaml, else conv1 conv2)",
     )
     drawing.add_argument(
         "--max-channels",
@@ -705,13 +705,13 @@ def run(args: argparse.Namespace) -> None:
     # (10000, 1, 28, 28) float32 (31 MB): the inputs --examples ranks
     test_x = normalize(mnist_test_set(args.data_dir)[0]) if args.examples else None
 
-    pictures, lines = _draw(args, nets, x, targets, test_x)
+    pictures, lines, captions = _draw(args, nets, x, targets, test_x)
     source = "MNIST test " + ", ".join(names) if args.mnist_index else ", ".join(names)
     out = Path(args.out)
     try:
         what = _labels(args)
         title = f"Feature maps: {' vs '.join(what[v] for v in nets.variants)}; inputs: {source}"
-        written, index = _write(pictures, out, title)
+        written, index = _write(pictures, out, title, captions)
     except OSError as err:
         raise VisualizeError(f"cannot write to {out}: {err}") from None
 
@@ -736,18 +736,21 @@ def _draw(
     x: Tensor,
     targets: Tensor | None,
     test_x: Tensor | None,
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Every picture, by its path under --out, and the lines that tell what they show.
+) -> tuple[dict[str, np.ndarray], list[str], dict[str, dict[str, str]]]:
+    """Every picture, by its path under --out, the lines that tell what they show, and the
+    gallery's captions (``{variant: {folder: text}}``, as ``write_index`` takes them).
 
     Everything is drawn before anything is written, so a user error (a CAM layer without
     spatial maps, say) leaves --out as it was; the CAM is drawn before the examples' sweep.
     """
     pictures = {PROBE_FILE: rendering.image_grid(x).numpy()}
     lines: list[str] = []
+    captions: dict[str, dict[str, str]] = {}
     what = _labels(args)
     grids: dict[str, dict[str, np.ndarray]] = {}  # layer -> variant -> grid
     folders: dict[str, str] = {}  # layer -> its own folder under --out
     for variant, model in nets.variants.items():
+        caption_of = captions.setdefault(variant, {})
         modules = resolve_layers(model, args.layers)
         captured, logits = capture(
             model, x, modules, max_channels=args.max_channels, order=args.order, stats=False
@@ -758,7 +761,7 @@ def _draw(
             if cap.error is not None:
                 _note(f"{layer} is not drawn: {cap.error}")
                 continue
-            grid = rendering.feature_grid(
+            grid = rendering.feature_picture(
                 cap.act,
                 max_channels=args.max_channels,
                 normalize=args.normalize,
@@ -768,6 +771,14 @@ def _draw(
             ).numpy()
             grids.setdefault(layer, {})[variant] = grid
             pictures[f"{folders[layer]}/{variant}.png"] = grid
+            shown = (
+                f"{cap.act.shape[-1]} of {cap.total_channels} features"
+                if cap.channels is None
+                else f"channels {_span(cap.channels.tolist())} of {cap.total_channels}"
+            )
+            caption_of[folders[layer]] = f"{what[variant]}: {shown}" + (
+                f"; {cap.note}" if cap.note else ""
+            )
         if args.cam:
             try:
                 grid, caption = cam_picture(model, x, args.cam, args.cam_layer, targets, args.cmap)
@@ -779,6 +790,7 @@ def _draw(
                 ) from None
             pictures[f"{CAM_DIR}/{variant}.png"] = grid.numpy()
             lines.append(f"{what[variant]} {caption}")
+            caption_of[CAM_DIR] = f"{what[variant]}: {caption}"
         if test_x is not None:
             # The channels the grids draw, as the callback keeps examples for its maps' channels.
             drawn = {key: c.channels for key, c in captured.items() if c.channels is not None}
@@ -791,16 +803,18 @@ def _draw(
                 path = f"{folders[layer]}/{EXAMPLES_DIR}/{variant}.png"
                 pictures[path] = examples_grid(result, cmap=args.cmap).numpy()
                 dead = result.dead.nonzero().flatten().tolist()
-                lines.append(
-                    f"{what[variant]} {layer}: top {args.examples} MNIST test inputs of "
-                    f"channels {_span(result.channels.tolist())}, cropped to the receptive field;"
-                    f" dead over the test set: {_span(dead) or 'none'}"
+                text = (
+                    f"top {args.examples} MNIST test inputs of channels "
+                    f"{_span(result.channels.tolist())}, cropped to the receptive field; dead "
+                    f"over the test set: {_span(dead) or 'none'}"
                 )
+                lines.append(f"{what[variant]} {layer}: {text}")
+                caption_of[f"{folders[layer]}/{EXAMPLES_DIR}"] = f"{what[variant]}: {text}"
     if args.compare:
         for layer, by_variant in grids.items():
             panels = [(f"{layer}: {what[v]}", by_variant[v]) for v in ("untrained", "trained")]
             pictures[f"compare_{folders[layer]}.png"] = side_by_side(panels)
-    return pictures, lines
+    return pictures, lines, captions
 
 
 def _span(channels: list[int]) -> str:
@@ -810,7 +824,12 @@ def _span(channels: list[int]) -> str:
     return ", ".join(map(str, channels))
 
 
-def _write(pictures: dict[str, np.ndarray], out: Path, title: str) -> tuple[list[Path], Path]:
+def _write(
+    pictures: dict[str, np.ndarray],
+    out: Path,
+    title: str,
+    captions: dict[str, dict[str, str]],
+) -> tuple[list[Path], Path]:
     """Writes the pictures and the gallery page; returns the PNGs written and the page."""
     written = [save_png(img, out / rel) for rel, img in pictures.items()]
     # A frame this run did not draw (an earlier --compare's untrained side, an earlier
@@ -824,7 +843,7 @@ def _write(pictures: dict[str, np.ndarray], out: Path, title: str) -> tuple[list
     others = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in drawn)
     if others:
         _note(f"{out} also holds {', '.join(others)} from before; the gallery shows them too")
-    return written, write_index(out, title=title)
+    return written, write_index(out, title=title, captions=captions)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN, rendering
+from fm_lightning.callbacks import _ranges
 from fm_lightning.capture import forward_hooks, resolve_layers
 
 
@@ -89,7 +90,7 @@ def test_unknown_layer_lists_available_and_closest(tmp_path):
     msg = str(err.value)
     assert "'conv3' matches nothing in ImageClassifier" in msg
     assert "Closest: conv1, conv2" in msg or "Closest: conv2, conv1" in msg
-    assert "Available layers: net, net.conv1, net.pool, net.conv2, net.fc1" in msg
+    assert "Available layers: net, net.conv1, net.pool, net.relu1, net.conv2, net.relu2" in msg
 
 
 # ---------------------------------------------------------------- destinations
@@ -151,9 +152,9 @@ def test_stats_are_logged_on_the_validation_step(tmp_path):
     with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     val_steps = {r["step"] for r in rows if r.get("val/acc")}
-    stat_steps = {r["step"] for r in rows if r.get("feature_stats/conv1/dead_channels")}
+    stat_steps = {r["step"] for r in rows if r.get("feature_stats/conv1/dead_channels_probe")}
     assert len(stat_steps) == 2 and stat_steps == val_steps
-    for key in ("mean", "std", "frac_zero", "dead_channels"):
+    for key in ("mean", "std", "frac_zero", "dead_channels_probe"):
         assert any(r.get(f"feature_stats/conv1/{key}") for r in rows)
 
 
@@ -196,7 +197,7 @@ def test_wandb_offline_run_holds_non_blank_images(tmp_path):
         assert wandb.Image.all_captions([metrics["feature_maps/conv1"]]) == [
             f"epoch {epoch}, step {step}, channels 0-15 of 16"
         ]
-        assert isinstance(metrics["feature_stats/conv2/dead_channels"], float)
+        assert isinstance(metrics["feature_stats/conv2/dead_channels_probe"], float)
     # the evolution GIFs arrive once, at the end of fit
     videos = [metrics for metrics, _ in logged if any("evolution" in key for key in metrics)]
     assert [sorted(v) for v in videos] == [
@@ -356,11 +357,45 @@ def test_order_by_activation_draws_the_most_active_channels(tmp_path):
         torch.no_grad(),
     ):
         model(cb.probe)
-    expected = rendering.feature_grid(acts["conv2"], max_channels=4, order="activation")
+    expected = rendering.feature_picture(acts["conv2"], max_channels=4, order="activation")
     drawn = np.asarray(Image.open(os.path.join(cb.local_dir, "conv2", "epoch=000.png")))
     assert np.array_equal(drawn, expected.numpy())
-    index_order = rendering.feature_grid(acts["conv2"], max_channels=4, order="index")
+    index_order = rendering.feature_picture(acts["conv2"], max_channels=4, order="index")
     assert not np.array_equal(drawn, index_order.numpy())  # the choice made a difference
+
+
+class _SilenceDrawnChannels(pl.Callback):
+    """After each training epoch, zeroes conv2's filters of the channels the callback draws, so
+    that at the next validation the most active channels are others."""
+
+    def __init__(self, cb: FeatureMapCallback) -> None:
+        self.cb = cb
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        drawn = self.cb.state_dict()["channels"]["conv2"]
+        with torch.no_grad():
+            pl_module.net.conv2.weight[drawn] = 0.0
+            pl_module.net.conv2.bias[drawn] = 0.0
+
+
+def test_order_by_activation_keeps_the_first_epochs_channels_for_the_run(tmp_path):
+    cb = FeatureMapCallback(layers=["conv2"], max_channels=4, order="activation")
+    _, model = _fit(tmp_path, cb, max_epochs=2, extra_callbacks=[_SilenceDrawnChannels(cb)])
+    chosen = cb.state_dict()["channels"]["conv2"]  # kept in the checkpoint's state
+    history = json.load(open(os.path.join(cb.local_dir, "stats.json")))["history"]
+    captions = [h["captions"]["conv2"] for h in history]
+    shown = f"channels {_ranges(chosen.tolist())} of 32"
+    assert len(captions) == 2 and all(c.endswith(shown) for c in captions), captions
+    # Choosing afresh on the last epoch's weights would have drawn other channels.
+    acts = {}
+    with forward_hooks({"conv2": model.net.conv2}, lambda k, m, out: acts.__setitem__(k, out)):
+        model.eval()(cb.probe)
+    fresh = rendering.select_channels(acts["conv2"], 4, "activation")
+    assert not set(fresh.tolist()) & set(chosen.tolist())
+    # A resumed run keeps them too.
+    resumed = FeatureMapCallback(layers=["conv2"], max_channels=4, order="activation")
+    resumed.load_state_dict(cb.state_dict())
+    assert torch.equal(resumed.state_dict()["channels"]["conv2"], chosen)
 
 
 # ---------------------------------------------------------------- batches that are not (x, y)
@@ -584,7 +619,7 @@ def test_gpu_capture_matches_and_keeps_memory_flat(tmp_path, monkeypatch):
     for hook in hooks:
         hook.remove()
     for layer, act in acts.items():
-        expected = rendering.feature_grid(
+        expected = rendering.feature_picture(
             act, max_channels=cb.max_channels, normalize=cb.normalize, cmap=cb.cmap, order=cb.order
         ).numpy()
         drawn = np.asarray(Image.open(tmp_path / "maps" / layer / "epoch=004.png").convert("RGB"))

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fm_lightning.cam import (
+    CAM_HEADER_PX,
     CAM_METHODS,
     cam_caption,
     cam_grid,
@@ -613,38 +614,84 @@ def test_cam_grid_layout_and_pixels(trained, held_out):
     assert right.count(False) == 1
 
     grid = cam_grid(x, result, alpha=1.0)
-    tile, pad = 64, 2  # 32 px tiles enlarged x2; 2 px white separators
-    assert grid.shape == (3 * tile + 4 * pad, 3 * tile + 4 * pad, 3) and grid.dtype == torch.uint8
+    tile, pad, top = 64, 2, CAM_HEADER_PX  # 32 px tiles enlarged x2; 2 px white separators
+    assert grid.shape[0] > top + 3 * tile + 4 * pad and grid.shape[1] > 3 * tile + 4 * pad
+    assert grid.dtype == torch.uint8
 
-    def cell(row: int, col: int) -> torch.Tensor:
-        top, left = pad + row * (tile + pad), pad + col * (tile + pad)
-        return grid[top : top + tile : 2, left : left + tile : 2]  # back to (32, 32, 3)
+    def cell(row: int, col: int, image: torch.Tensor = grid) -> torch.Tensor:
+        y0, x0 = top + pad + row * (tile + pad), pad + col * (tile + pad)
+        return image[y0 : y0 + tile : 2, x0 : x0 + tile : 2]  # back to (32, 32, 3)
 
     def rgb(maps01: torch.Tensor) -> torch.Tensor:
         return colorize(maps01).permute(1, 2, 0).mul(255).round().to(torch.uint8)
 
     for row in range(3):
         assert torch.equal(cell(row, 1), rgb(result.pred_maps[row]))  # alpha 1: the map alone
-        if right[row]:
-            assert (cell(row, 2) == 128).all()  # grey: nothing more to show
-        else:
+        # The third column: the true class's map where wrong, else the runner-up's.
+        assert torch.equal(cell(row, 2), rgb(result.second_maps[row]))
+        if not right[row]:
             assert torch.equal(cell(row, 2), rgb(result.true_maps[row]))
     image = cam_grid(x, result, alpha=0.0)
     lo, hi = x[0].min(), x[0].max()
     expected = ((x[0, 0] - lo) / (hi - lo)).mul(255).round().to(torch.uint8)
     assert torch.equal(cell(0, 0)[..., 0], expected)
-    assert torch.equal(
-        image[pad : pad + tile, 2 * pad + tile : 2 * pad + 2 * tile],
-        grid[pad : pad + tile, pad : pad + tile],
-    )  # alpha 0: the input
+    assert torch.equal(cell(0, 1, image), cell(0, 0))  # alpha 0: the input
 
 
-def test_cam_grid_without_targets_has_two_columns_and_checks_its_input():
+def _red(block: torch.Tensor) -> torch.Tensor:
+    r, g, b = block.int().unbind(dim=-1)
+    return (r - g > 60) & (r - b > 60)
+
+
+def test_cam_grid_names_its_columns_labels_each_row_and_marks_the_wrong_one(trained, held_out):
+    x, y, _ = held_out
+    x, y = x[:3], y[:3].clone()
+    y[1] = (class_activation_maps(trained, x[1:2], layer="conv3").pred[0] + 1) % CLASSES
+    result = class_activation_maps(trained, x, layer="conv3", targets=y)
+    wrong = (result.pred != y).tolist()
+    assert wrong.count(True) >= 1
+    grid = cam_grid(x, result)
+    tile, pad, top = 64, 2, CAM_HEADER_PX
+    tiles_w = 3 * tile + 4 * pad
+    for col in range(3):  # a column name above every column
+        x0 = pad + col * (tile + pad)
+        assert (grid[:top, x0 : x0 + tile] < 200).any(), col
+    for row in range(3):
+        y0 = top + pad + row * (tile + pad)
+        beside = grid[y0 : y0 + tile, tiles_w:]
+        assert (beside < 200).any(dim=-1).sum() > 100, row  # the row's classes, written out
+        assert bool(_red(beside).any()) == wrong[row], row  # red text and bar: a wrong one
+    assert (grid[top + 3 * tile + 4 * pad :] < 200).any()  # the colour scale under the tiles
+
+
+def test_second_map_is_the_runner_up_where_right_and_the_true_class_where_wrong(trained, held_out):
+    x, y, _ = held_out
+    x, y = x[:6], y[:6].clone()
+    logits = trained.eval()(x).detach()
+    y[0] = (logits[0].argmax() + 1) % CLASSES  # one wrong
+    result = class_activation_maps(trained, x, layer="conv3", targets=y)
+    runner_up = logits.topk(2, dim=1).indices[:, 1]
+    right = result.pred == y
+    assert torch.equal(result.second, torch.where(right, runner_up, y))
+    probs = logits.softmax(dim=1)
+    torch.testing.assert_close(result.second_prob, probs.gather(1, result.second[:, None])[:, 0])
+    with torchcam.methods.GradCAM(trained.eval(), "conv3") as extractor:
+        scores = trained(x)
+        (direct,) = extractor(class_idx=result.second.tolist(), scores=scores)
+    expected = F.interpolate(direct[:, None].float(), size=x.shape[-2:], mode="bilinear")[:, 0]
+    torch.testing.assert_close(result.second_maps, expected.clamp(0, 1))
+    # A right prediction's second map shows another class, not the predicted one again.
+    assert not torch.equal(result.second_maps[right], result.pred_maps[right])
+
+
+def test_cam_grid_without_targets_shows_the_runner_up_and_checks_its_input():
     model = SimpleCNN().eval()
     x = torch.randn(2, 1, 28, 28)
     result = class_activation_maps(model, x, layer="conv2")
     assert result.true_maps is None and result.target is None
-    assert cam_grid(x, result).shape == (2 * 84 + 3 * 2, 2 * 84 + 3 * 2, 3)  # 28 px x3
+    assert torch.equal(result.second, model(x).topk(2, dim=1).indices[:, 1])
+    grid = cam_grid(x, result)  # 28 px tiles x3, three columns, the row labels beside them
+    assert grid.shape[0] > CAM_HEADER_PX + 2 * 84 + 3 * 2 and grid.shape[1] > 3 * 84 + 4 * 2
     with pytest.raises(ValueError, match=r"expected images of shape \(2, C, H, W\), one per map"):
         cam_grid(x[:1], result)
     with pytest.raises(
@@ -663,12 +710,19 @@ def test_cam_caption_names_method_layer_and_each_row():
     result = class_activation_maps(model, x, layer="conv2", targets=torch.tensor([0, 1]))
     caption = cam_caption(result)
     p, q = result.pred.tolist(), result.prob.tolist()
-    assert caption.startswith("GradCAM on conv2; columns: input, predicted, true (grey: right). ")
+    assert caption.startswith(
+        "GradCAM on conv2; columns: input, predicted, second (the true class if the prediction "
+        "is wrong, else the runner-up). "
+    )
     assert f"1: pred {p[0]} (p={q[0]:.2f}), true 0" in caption
     assert f"2: pred {p[1]} (p={q[1]:.2f}), true 1" in caption
     assert ("WRONG" in caption) == (p != [0, 1])
+    s, sq = result.second.tolist(), result.second_prob.tolist()
+    for i in (0, 1):
+        assert (f"runner-up {s[i]} (p={sq[i]:.2f})" in caption) == (p[i] == i)
     no_targets = cam_caption(class_activation_maps(model, x, layer="conv2"))
-    assert "true" not in no_targets and "columns: input, predicted." in no_targets
+    assert "true" not in no_targets
+    assert "columns: input, predicted, second (the runner-up class)." in no_targets
 
 
 def test_labels_that_are_not_classes_get_no_true_map_and_the_others_are_drawn(trained, held_out):
@@ -685,17 +739,17 @@ def test_labels_that_are_not_classes_get_no_true_map_and_the_others_are_drawn(tr
     torch.testing.assert_close(result.true_maps[[1, 3]], alone.true_maps)
     assert not torch.equal(result.true_maps[1], result.pred_maps[1])
 
-    grid = cam_grid(x, result, alpha=1.0)
-    tile, pad = 64, 2
-    left = 2 * (tile + pad) + pad  # the third column, the true class
-    cells = [grid[pad + r * (tile + pad) :][:tile, left : left + tile] for r in range(4)]
-    assert (cells[0] == 255).all() and (cells[2] == 255).all()  # white: no true-class map
-    assert cells[1].float().std() > 0 and cells[3].float().std() > 0  # drawn
+    # the second column: the true class where it is one (and wrong), else the runner-up
+    second = result.second.tolist()
+    assert second[1] == int(wrong[1]) and second[3] == int(wrong[3])
+    assert second[0] != int(pred[0]) and second[2] != int(pred[2])  # the runner-ups
+    torch.testing.assert_close(result.true_maps[[0, 2]], result.pred_maps[[0, 2]])
     caption = cam_caption(result)
     assert "1: pred" in caption and "label -100 is not a class: no true-class map" in caption
     assert f"label {CLASSES} is not a class: no true-class map" in caption
     assert f"true {int(wrong[1])} WRONG" in caption
-    assert "white: label not a class" in caption
+    row1 = caption[caption.index("1: pred") : caption.index("; 2: pred")]
+    assert f"runner-up {second[0]}" in row1  # the label -100 row shows its runner-up
 
 
 class Uint8Net(nn.Module):

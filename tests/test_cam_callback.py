@@ -30,10 +30,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN
+from fm_lightning.cam import CAM_HEADER_PX
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DDP_SCRIPT = os.path.join(REPO, "tests", "scripts", "ddp_fit.py")
-# cam_grid draws 28x28 tiles enlarged x3 (to at least 64 px) with 2 px of padding.
+# cam_grid draws 28x28 tiles enlarged x3 (to at least 64 px) with 2 px of padding, under a
+# header of CAM_HEADER_PX naming the columns.
 TILE, PAD = 84, 2
 
 
@@ -41,11 +43,10 @@ def _cam_frames(cb) -> list[str]:
     return sorted(glob.glob(os.path.join(cb.local_dir, "cam", "epoch=*.png")))
 
 
-def _tiles(path) -> np.ndarray:
+def _tiles(path, rows: int, cols: int = 3) -> np.ndarray:
     """The cam picture cut into its tiles: (rows, columns, TILE, TILE, 3) uint8."""
-    img = np.asarray(Image.open(path).convert("RGB"))
-    rows, cols = (img.shape[0] - PAD) // (TILE + PAD), (img.shape[1] - PAD) // (TILE + PAD)
-    assert img.shape[:2] == (PAD + rows * (TILE + PAD), PAD + cols * (TILE + PAD)), img.shape
+    img = np.asarray(Image.open(path).convert("RGB"))[CAM_HEADER_PX:]
+    assert img.shape[0] > PAD + rows * (TILE + PAD) and img.shape[1] > PAD + cols * (TILE + PAD)
     return np.stack(
         [
             np.stack(
@@ -265,7 +266,7 @@ def test_modes_rng_and_hooks_restored_also_under_trainer_validate(tmp_path, meth
     cam_passes = [f for f in model.forwards if _is_cam_pass(f)]  # SmoothGradCAMpp: several
     assert cam_passes and all(f == ORDINARY_WITH_GRAD for f in cam_passes), cam_passes
     _assert_same(before.states[-1], after.states[-1])
-    frame = _tiles(_cam_frames(cb)[-1])
+    frame = _tiles(_cam_frames(cb)[-1], cb.num_images)
     assert frame[:, 1].std() > 5  # the maps were drawn, not a blank fallback
 
 
@@ -316,7 +317,7 @@ def test_png_rows_are_probe_images_and_columns_input_pred_true(tmp_path):
     trainer.fit(model, random_loader(classes=2), random_loader(seed=1, classes=2))
 
     assert [os.path.basename(p) for p in _cam_frames(cb)] == ["epoch=000.png", "epoch=001.png"]
-    tiles = _tiles(_cam_frames(cb)[-1]).astype(int)  # drawn after the last step: these weights
+    tiles = _tiles(_cam_frames(cb)[-1], 8).astype(int)  # drawn after the last step: these weights
     assert tiles.shape[:2] == (8, 3)
     with torch.no_grad():
         pred = model.eval()(cb.probe).argmax(1)
@@ -328,10 +329,9 @@ def test_png_rows_are_probe_images_and_columns_input_pred_true(tmp_path):
         shown = tile[0, 1::3, 1::3]  # (28, 28, 3): one pixel per enlarged 3x3 block
         assert np.abs(shown - expected[..., None]).max() <= 1, f"row {i} is not probe image {i}"
         assert (np.ptp(tile[1], axis=-1) > 10).mean() > 0.5, f"row {i}: no colour map over it"
-        if right[i]:  # nothing more to show: a flat grey tile
-            assert np.ptp(tile[2]) == 0 and tile[2, 0, 0, 0] in (127, 128), i
-        else:
-            assert tile[2].std() > 1, f"row {i}: no true-class map"
+        # the true class's map where wrong, else the other class's (the runner-up): never flat
+        assert tile[2].std() > 1, f"row {i}: no second map"
+        assert not np.array_equal(tile[2], tile[1]), f"row {i}: the predicted map again"
 
 
 def test_tensorboard_event_file_holds_class_activation_images(tmp_path):
@@ -369,13 +369,17 @@ def test_wandb_gets_captioned_images_on_the_validation_step_and_the_gif(tmp_path
     # The last picture was drawn with the final weights: its caption is their predictions.
     with torch.no_grad():
         probs = model.eval()(cb.probe).softmax(1)
+    top2 = probs.topk(2, dim=1)
     expected = "; ".join(
-        f"{i}: pred {p} (p={q:.2f}), true {t}" + (" WRONG" if p != t else "")
-        for i, (p, q, t) in enumerate(
+        f"{i}: pred {p} (p={q:.2f}), true {t}"
+        + (" WRONG" if p != t else f", runner-up {r} (p={rq:.2f})")
+        for i, (p, q, t, r, rq) in enumerate(
             zip(
-                probs.argmax(1).tolist(),
-                probs.amax(1).tolist(),
+                top2.indices[:, 0].tolist(),
+                top2.values[:, 0].tolist(),
                 cb.probe_targets.tolist(),
+                top2.indices[:, 1].tolist(),
+                top2.values[:, 1].tolist(),
                 strict=True,
             ),
             start=1,
@@ -383,7 +387,8 @@ def test_wandb_gets_captioned_images_on_the_validation_step_and_the_gif(tmp_path
     )
     (caption,) = wandb.Image.all_captions([rows[-1][0]["class_activation/conv2"]])
     assert caption == (
-        "epoch 2: GradCAM on conv2; columns: input, predicted, true (grey: right). " + expected
+        "epoch 2: GradCAM on conv2; columns: input, predicted, second (the true class if the "
+        "prediction is wrong, else the runner-up). " + expected
     )
     videos = [m for m, _ in logged if "class_activation_evolution/cam" in m]
     assert len(videos) == 1 and isinstance(videos[0]["class_activation_evolution/cam"], wandb.Video)
@@ -457,7 +462,7 @@ def _labelled(kind: str, seed: int) -> DataLoader:
         ("none", UnlabelledClassifier, {}),
     ],
 )
-def test_true_classes_from_tuples_dicts_or_target_fn_and_two_columns_without(
+def test_true_classes_from_tuples_dicts_or_target_fn_and_none_without(
     tmp_path, kind, module, kwargs
 ):
     cb = FeatureMapCallback(
@@ -466,12 +471,12 @@ def test_true_classes_from_tuples_dicts_or_target_fn_and_two_columns_without(
     tiny_trainer(tmp_path, [cb], max_epochs=1).fit(
         module(SimpleCNN()), _labelled(kind, 0), _labelled(kind, 1)
     )
-    columns = _tiles(_cam_frames(cb)[0]).shape[1]
+    assert _tiles(_cam_frames(cb)[0], 4).shape[:2] == (4, 3)  # the runner-up's map, if no labels
     if kind == "none":
-        assert cb.probe_targets is None and columns == 2
+        assert cb.probe_targets is None
     else:
         _, labels = random_loader(seed=1).dataset.tensors
-        assert torch.equal(cb.probe_targets, labels[:4]) and columns == 3
+        assert torch.equal(cb.probe_targets, labels[:4])
 
 
 def test_resumed_run_keeps_the_probe_and_its_true_classes(tmp_path):
@@ -492,7 +497,7 @@ def test_resumed_run_keeps_the_probe_and_its_true_classes(tmp_path):
     assert torch.equal(resumed.probe_targets, cb.probe_targets)
     assert not torch.equal(resumed.probe_targets, random_loader(seed=2).dataset.tensors[1][:4])
     assert os.path.basename(_cam_frames(resumed)[-1]) == "epoch=001.png"
-    assert _tiles(_cam_frames(resumed)[-1]).shape[:2] == (4, 3)
+    assert _tiles(_cam_frames(resumed)[-1], 4).shape[:2] == (4, 3)
 
 
 def test_target_fn_returning_no_classes_is_reported(tmp_path):

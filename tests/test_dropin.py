@@ -243,7 +243,7 @@ def test_with_two_validations_per_epoch_the_frame_shows_the_end_of_the_epoch(tmp
     (frame,) = _frames(cb, "conv2")
     # Fit ends right after the epoch's last validation: its weights are the ones to draw.
     captured, _ = capture(model, cb.probe, resolve_layers(model, ["conv2"]))
-    expected = rendering.feature_grid(captured["conv2"].act, channels=captured["conv2"].channels)
+    expected = rendering.feature_picture(captured["conv2"].act, channels=captured["conv2"].channels)
     assert np.array_equal(np.asarray(Image.open(frame)), expected.numpy())
 
 

@@ -336,7 +336,7 @@ def test_order_activation_examples_rows_are_the_channels_the_maps_draw(
     # Without a sanity check the first validation starts with no probe: its first inputs,
     # which become the probe, choose the channels before any batch is streamed.
     results = _record(monkeypatch, fm_lightning.callbacks, "examples_grid")
-    drawn = _record(monkeypatch, rendering, "feature_grid")
+    drawn = _record(monkeypatch, rendering, "feature_picture")
     cb = FeatureMapCallback(
         layers=["conv1", "conv2"], examples=2, max_channels=5, order="activation"
     )

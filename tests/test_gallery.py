@@ -22,7 +22,7 @@ from fm_lightning.rendering import feature_grid, image_grid
 HOSTILE_TITLE = '</title></script><script>window.__pwned = 1</script>"&'
 # A layer directory name that runs script if anything puts it into the page as HTML.
 HOSTILE_LAYER = "<img src=x onerror=window.__pwned=1>"
-STATS = {"mean": 0.5, "std": 1.0, "frac_zero": 0.25, "dead_channels": 0.0}
+STATS = {"mean": 0.5, "std": 1.0, "frac_zero": 0.25, "dead_channels_probe": 0.0}
 
 
 def add_frame(root, layer, stem, channels=4, size=8, seed=0):
@@ -429,4 +429,63 @@ def test_examples_follow_the_slider_and_dead_channels_are_marked(open_page, exam
     assert (src, caption, note, dead) == ("conv1/examples/epoch%3D000.png", "examples e0", "", None)
     page.wait_for_function(ALL_IMAGES_LOADED)
     assert all(complete and width > 0 for _, complete, width, hidden in images(page) if not hidden)
+    assert page.errors == []
+
+
+@pytest.mark.browser
+def test_examples_are_folded_until_their_heading_is_clicked(open_page, examples_dir):
+    page = open_page(write_index(examples_dir, title="run"))
+    page.wait_for_function(ALL_IMAGES_LOADED)
+    fold = page.query_selector(".layer details.examples")
+    image = fold.query_selector("img")
+    assert fold.evaluate("d => d.open") is False
+    folded = fold.bounding_box()["height"]
+    assert not image.is_visible() and folded < 40  # only its heading: the page stays short
+    fold.query_selector("summary").click()
+    assert fold.evaluate("d => d.open") is True
+    assert image.is_visible() and fold.bounding_box()["height"] > folded + 50
+    assert page.errors == []
+
+
+@pytest.mark.browser
+def test_cam_is_drawn_at_its_own_size_with_its_caption_beside_it(open_page, examples_dir):
+    page = open_page(write_index(examples_dir, title="run"))
+    page.wait_for_function(ALL_IMAGES_LOADED)
+    img, caption = page.evaluate(
+        """() => {
+        const fig = document.querySelector('.frame.cam');
+        const img = fig.querySelector('img'), cap = fig.querySelector('figcaption');
+        const a = img.getBoundingClientRect(), b = cap.getBoundingClientRect();
+        return [[a.width, img.naturalWidth, a.right, a.top], [b.left, b.top, cap.textContent]];
+    }"""
+    )
+    width, natural, right, top = img
+    assert width == natural  # not zoomed: it carries its own labels, drawn at their size
+    assert caption[2] == "cam e2" and caption[0] >= right and caption[1] < top + 20  # beside it
+    # The maps' frames are still zoomed to fit (small maps enlarged by an integer factor).
+    zoomed = page.evaluate(
+        "() => [...document.querySelectorAll('.frame:not(.cam) img')]"
+        ".map(i => i.getBoundingClientRect().width / i.naturalWidth)"
+    )
+    assert zoomed and all(z >= 2 for z in zoomed)
+
+
+@pytest.mark.browser
+def test_plot_axis_labels_are_never_clipped(open_page, tmp_path):
+    root = tmp_path / "run"
+    add_frame(root, "conv1", "epoch=000")
+    add_frame(root, "conv1", "epoch=001")
+    for epoch, mean in ((0, -0.000373), (1, -0.0002)):  # the issue's clipped label
+        append_stats(root, epoch, {"conv1": {**STATS, "mean": mean, "std": 0.000123}})
+    page = open_page(write_index(root))
+    boxes = page.evaluate(
+        """() => [...document.querySelectorAll('svg text')].map(t => {
+        const b = t.getBBox();
+        return [t.textContent, b.x, b.x + b.width, +t.ownerSVGElement.getAttribute('width')];
+    })"""
+    )
+    texts = [text for text, *_ in boxes]
+    assert "-0.000373" in texts and "0.000123" in texts, texts
+    for text, left, right, width in boxes:
+        assert left >= 0 and right <= width, (text, left, right)
     assert page.errors == []

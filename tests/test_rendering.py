@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from fm_lightning.rendering import (
+    FLAT_GREY,
     MAX_FEATURES,
     UnsupportedActivationError,
     activation_stats,
+    colorbar,
     colorize,
     feature_grid,
+    feature_picture,
+    header_height,
     image_grid,
     normalize_maps,
     select_channels,
@@ -146,6 +150,82 @@ def test_feature_grid_rejects_bad_options(kwargs, match):
 def test_feature_grid_rejects_non_tensor():
     with pytest.raises(TypeError, match="expected act to be a Tensor, got list"):
         feature_grid([[1.0, 2.0]])
+
+
+def test_feature_grid_draws_dead_and_flat_maps_flat_grey():
+    act = torch.randn(2, 4, 8, 8)
+    act[:, 1] = -act[:, 1].abs() - 0.1  # dead: never above 0, yet it varies
+    act[1, 2] = 3.0  # one flat map of a live channel
+    grid = feature_grid(act)  # 8x8 maps enlarged to 16x16
+    grey = round(FLAT_GREY * 255)
+
+    def tile(row, col):
+        return grid[1 + 17 * row : 17 + 17 * row, 1 + 17 * col : 17 + 17 * col]
+
+    for row in range(2):
+        assert (tile(row, 1) == grey).all()  # the dead channel, in every image
+        assert tile(row, 0).float().std() > 10 and tile(row, 3).float().std() > 10
+    assert (tile(1, 2) == grey).all() and tile(0, 2).float().std() > 10
+    # In "layer" mode a constant map has a place on the shared scale: only the dead are grey.
+    layer = feature_grid(act, normalize="layer")
+    assert (layer[18:34, 18:34] == grey).all()
+    assert not (layer[18:34, 35:51] == grey).all()
+
+
+def _ink(block: torch.Tensor) -> torch.Tensor:
+    """Pixels of a white label area that text was drawn on, (h, w) bool."""
+    return (block < 200).any(dim=-1)
+
+
+def _red(block: torch.Tensor) -> torch.Tensor:
+    """(h, w) bool: pixels of red text (DEAD_RGB, anti-aliased on white)."""
+    r, g, b = block.int().unbind(dim=-1)
+    return (r - g > 60) & (r - b > 60)
+
+
+def test_feature_picture_numbers_columns_and_shows_the_colour_scale():
+    act = torch.randn(3, 12, 8, 8)
+    act[:, 9] = -0.1  # dead, and too weak to be drawn
+    picture = feature_picture(act, max_channels=6, order="activation", normalize="channel")
+    channels = [int(c) for c in torch.sort(act.abs().mean(dim=(0, 2, 3)), descending=True)[1][:6]]
+    assert 9 not in channels
+    top = header_height([str(c) for c in channels], 17)
+    grid = feature_grid(act, max_channels=6, order="activation")
+    assert picture.dtype == torch.uint8 and picture.shape[0] > top + grid.shape[0]
+    # The grid sits under the header, unchanged.
+    assert torch.equal(picture[top : top + grid.shape[0], : grid.shape[1]], grid)
+    header = picture[:top]
+    for j in range(6):  # a number above every column, within it
+        assert _ink(header[:, 1 + 17 * j : 17 + 17 * j]).any(), j
+    # The numbers are the channels drawn: another choice of channels writes another header.
+    other = feature_picture(act, max_channels=6, order="index")
+    assert not torch.equal(other[:top], header)
+    # Below: the colour scale, the colormap from its lowest to its highest colour.
+    legend = picture[top + grid.shape[0] :].reshape(-1, 3)
+    bar = torch.from_numpy(colorbar("viridis", 1, 64))[0]
+    for color in (bar[0], bar[-1]):
+        assert (legend == color).all(dim=1).any()
+    assert not _red(header).any()  # no dead channel drawn, none marked
+
+
+def test_feature_picture_marks_dead_channels_red_and_names_wide_numbers_without_overlap():
+    act = torch.randn(2, 1200, 4, 4)
+    act[:, 1003] = -2.0
+    channels = torch.tensor([1001, 1002, 1003, 1004])
+    picture = feature_picture(act[:, channels], channels=channels)
+    lines = header_height([str(c) for c in channels.tolist()], 17) // 12
+    assert lines == 2  # four digits are wider than a 16 px tile: two staggered lines
+    red = _red(picture)  # (H, W)
+    top = header_height([str(c) for c in channels.tolist()], 17)
+    cols = red[:top].any(dim=0).nonzero().flatten()
+    assert len(cols) and cols.min() >= 2 * 17 - 8 and cols.max() < 3 * 17 + 8  # over column 2
+    assert red[top:].any()  # the legend's line on red numbers
+
+
+def test_feature_picture_of_features_says_what_its_columns_are():
+    picture = feature_picture(torch.randn(3, 100))
+    grid = feature_grid(torch.randn(3, 100))
+    assert picture.shape[1] >= grid.shape[1] and _ink(picture[:14]).any()
 
 
 # ---------------------------------------------------------------------------- normalize_maps
@@ -329,9 +409,9 @@ def test_activation_stats_on_hand_built_tensor():
         ]
     )  # (N=2, C=4, H=1, W=2)
     stats = activation_stats(act)
-    assert set(stats) == {"mean", "std", "frac_zero", "dead_channels"}
+    assert set(stats) == {"mean", "std", "frac_zero", "dead_channels_probe"}
     assert all(type(v) is float for v in stats.values())
-    assert stats["dead_channels"] == 0.5
+    assert stats["dead_channels_probe"] == 0.5
     assert stats["frac_zero"] == 10 / 16
     assert stats["mean"] == pytest.approx(act.mean().item())
     assert stats["std"] == pytest.approx(act.std(correction=0).item())
@@ -344,7 +424,7 @@ def test_activation_stats_ignores_non_finite_values():
     assert stats["mean"] == pytest.approx(finite.mean().item())
     assert stats["std"] == pytest.approx(finite.std(correction=0).item())
     assert stats["frac_zero"] == 2 / 8
-    assert stats["dead_channels"] == 0.25  # only feature 2 (all NaN) is never positive
+    assert stats["dead_channels_probe"] == 0.25  # only feature 2 (all NaN) is never positive
     assert not any(math.isnan(v) for v in stats.values())
 
 

@@ -3,9 +3,9 @@
 A ViT's blocks drawn as h x w token grids, a channels-last ConvNeXt block's ``norm`` and
 ``mlp.fc1`` with their real channel counts, a ResNet's stages and global pool as 1x1 maps. The
 models are timm's own architectures made tiny (32x32 inputs, few blocks) so each test takes seconds.
-Each frame is opened and compared, pixel for pixel, with what ``rendering.feature_grid`` draws for
-the expected (N, C, h, w) maps of the trained model; captions are read as the callback hands them
-to its loggers.
+Each frame is opened and compared, pixel for pixel, with what ``rendering.feature_picture`` draws
+for the expected (N, C, h, w) maps of the trained model; captions are read as the callback hands
+them to its loggers.
 """
 
 from __future__ import annotations
@@ -86,13 +86,12 @@ def _tiles(png: np.ndarray, n: int, c: int, h: int, w: int) -> np.ndarray:
     )
 
 
-def _expected_pngs(model, cb, layers, max_channels: int = 32) -> dict[str, np.ndarray]:
-    """What the trained model's maps of ``layers`` look like, captured and drawn afresh."""
+def _expected_pngs(model, cb, layers, max_channels: int = 32, draw=rendering.feature_picture):
+    """What the trained model's maps of ``layers`` look like, captured and drawn afresh: the
+    labelled pictures, or with ``draw=rendering.feature_grid`` their grids (the pictures' top-left
+    block under the channel numbers, as tests/test_rendering.py checks)."""
     captured, _ = capture(model, cb.probe, resolve_layers(model, layers), max_channels=max_channels)
-    return {
-        layer: rendering.feature_grid(cap.act, channels=cap.channels).numpy()
-        for layer, cap in captured.items()
-    }
+    return {layer: draw(cap.act, channels=cap.channels).numpy() for layer, cap in captured.items()}
 
 
 # ----------------------------------------------------------------------------------- ViT
@@ -112,15 +111,16 @@ def test_vit_blocks_are_drawn_as_token_grids_with_every_channel(tmp_path, publis
     )
     cb, model = _fit(tmp_path, net, ["blocks.*"], (3, 32, 48), max_channels=64)
     expected = _expected_pngs(model, cb, ["blocks.*"], max_channels=64)
+    grids = _expected_pngs(model, cb, ["blocks.*"], 64, rendering.feature_grid)
     for layer in ("blocks.0", "blocks.1"):
         png = _frame(cb, layer)
         # Every one of the 48 channels, each a 4x6 map; tokens read as channels would not fit.
-        assert png.shape == _grid_shape((NUM_IMAGES, 48, 4, 6), max_channels=64)
+        assert grids[layer].shape == _grid_shape((NUM_IMAGES, 48, 4, 6), max_channels=64)
         assert np.array_equal(png, expected[layer])
         caption = _caption(published, layer)
         assert "channels 0-47 of 48" in caption
         assert "tokens 4x6 +1 prefix, 48 channels" in caption
-        tiles = _tiles(png, NUM_IMAGES, 48, 4, 6).reshape(NUM_IMAGES * 48, -1, 3)
+        tiles = _tiles(grids[layer], NUM_IMAGES, 48, 4, 6).reshape(NUM_IMAGES * 48, -1, 3)
         assert all(len(np.unique(t, axis=0)) > 1 for t in tiles)  # no flat tile: not blank
 
 
@@ -139,12 +139,13 @@ def test_convnext_block_norm_and_fc1_are_drawn_with_their_real_channel_counts(
     cb, model = _fit(tmp_path, net, [norm, fc1], (3, 32, 32))
     # The stem's stride 4 leaves 8x8 maps; stage 0 is 40 wide and its MLP 4x that.
     expected = _expected_pngs(model, cb, [norm, fc1])
+    grids = _expected_pngs(model, cb, [norm, fc1], draw=rendering.feature_grid)
     for layer, channels in ((norm, 40), (fc1, 160)):
         png = _frame(cb, layer)
-        assert png.shape == _grid_shape((NUM_IMAGES, 32, 8, 8))
+        assert grids[layer].shape == _grid_shape((NUM_IMAGES, 32, 8, 8))
         assert np.array_equal(png, expected[layer])
         assert _caption(published, layer).endswith(f"channels 0-31 of {channels}{note}")
-        tiles = _tiles(png, NUM_IMAGES, 32, 8, 8).reshape(NUM_IMAGES * 32, -1, 3)
+        tiles = _tiles(grids[layer], NUM_IMAGES, 32, 8, 8).reshape(NUM_IMAGES * 32, -1, 3)
         assert all(len(np.unique(t, axis=0)) > 1 for t in tiles)  # no flat tile: not blank
 
 
@@ -156,7 +157,9 @@ def test_resnet_stages_and_global_pool_are_drawn_with_visible_1x1_values(tmp_pat
     # On 32x32 inputs: layer1..layer4 give 8x8, 4x4, 2x2, 1x1 maps; the pool inside timm's
     # global_pool gives (N, 512, 1, 1), global_pool itself flattens to (N, 512) features.
     cb, model = _fit(tmp_path, net, ["layer*", "global_pool.pool", "global_pool"], (3, 32, 32))
-    expected = _expected_pngs(model, cb, ["layer*", "global_pool.pool", "global_pool"])
+    layers = ["layer*", "global_pool.pool", "global_pool"]
+    expected = _expected_pngs(model, cb, layers)
+    grids = _expected_pngs(model, cb, layers, draw=rendering.feature_grid)
     for layer, channels, side in (
         ("layer1", 64, 8),
         ("layer2", 128, 4),
@@ -165,11 +168,11 @@ def test_resnet_stages_and_global_pool_are_drawn_with_visible_1x1_values(tmp_pat
         ("global_pool.pool", 512, 1),
     ):
         png = _frame(cb, layer)
-        assert png.shape == _grid_shape((NUM_IMAGES, 32, side, side))
+        assert grids[layer].shape == _grid_shape((NUM_IMAGES, 32, side, side))
         assert np.array_equal(png, expected[layer])
         assert f"channels 0-31 of {channels}" in _caption(published, layer)
     for layer in ("layer4", "global_pool.pool"):
-        tiles = _tiles(_frame(cb, layer), NUM_IMAGES, 32, 1, 1)
+        tiles = _tiles(grids[layer], NUM_IMAGES, 32, 1, 1)
         for row in tiles:  # (32, th, tw, 3): each 1x1 map is one colour, but they differ
             colours = np.unique(row.reshape(32, -1, 3)[:, 0], axis=0)
             assert len(colours) > 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -19,6 +20,7 @@ from conftest import REPO, random_loader, tiny_trainer
 from PIL import Image, ImageDraw, ImageFilter
 
 from fm_lightning import ImageClassifier, MNISTDataModule, SimpleCNN, rendering
+from fm_lightning.cam import CAM_HEADER_PX
 from fm_lightning.capture import resolve_layers
 from fm_lightning.cli import main as train_main
 from fm_lightning.data import load_mnist
@@ -35,7 +37,8 @@ TIMM_NET = {
 TIMM_CLASS = "ImageClassifier(net=timm.models.resnet.ResNet)"
 
 # SimpleCNN grids for 2 images, as rendering.feature_grid draws them (1 px separators):
-# conv1: 16 channels of 24x24; conv2: 32 channels of 8x8, enlarged to 16x16.
+# conv1: 16 channels of 24x24; conv2: 32 channels of 8x8, enlarged to 16x16. The pictures are as
+# wide, and taller: channel numbers above the grid, the colour scale below it.
 CONV1_HW = (2 * 25 + 1, 16 * 25 + 1)
 CONV2_HW = (2 * 17 + 1, 32 * 17 + 1)
 
@@ -175,7 +178,7 @@ def test_trained_grids_written_and_not_blank(ckpt, digits, tmp_path, capsys):
     assert main(["--ckpt", ckpt, "--image", *digits, "--out", str(out)]) == 0
     for layer, hw in (("conv1", CONV1_HW), ("conv2", CONV2_HW)):
         grid = _png(out / layer / "trained.png")
-        assert grid.shape == (*hw, 3)
+        assert grid.shape[1:] == (hw[1], 3) and grid.shape[0] > hw[0]
         assert grid.std() > 0
         assert not (out / layer / "untrained.png").exists()
     probe = _png(out / "probe_inputs.png")
@@ -321,7 +324,7 @@ def test_mnist_index(ckpt, mnist_dir, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "#0 (label 7)" in stdout and "#1 (label 2)" in stdout  # the official test set
     assert _png(out / "probe_inputs.png").shape == (30, 59, 3)
-    assert _png(out / "conv1" / "trained.png").shape == (*CONV1_HW, 3)
+    assert _png(out / "conv1" / "trained.png").shape[1:] == (CONV1_HW[1], 3)
     assert "label 7" in (out / "index.html").read_text()
 
     err = _error(capsys, [*argv[:2], "--mnist-index", "3", "10000", "--data-dir", mnist_dir])
@@ -529,7 +532,7 @@ def test_unknown_layer_lists_the_available_ones(digits, tmp_path, capsys):
     argv = ["--untrained", "--image", *digits, "--layers", "conv1", "cnv2", "--out", str(tmp_path)]
     err = _error(capsys, argv)
     assert "'cnv2' matches nothing" in err and "Closest: conv2" in err
-    assert "Available layers: conv1, pool, conv2, fc1, fc2, fc3" in err
+    assert "Available layers: conv1, pool, relu1, conv2, relu2, fc1, fc2, fc3" in err
     assert not (tmp_path / "conv1").exists()  # checked before anything is drawn
 
 
@@ -599,6 +602,26 @@ def test_run_config_rebuilds_a_timm_net(timm_run, mnist_dir, tmp_path, capsys):
     assert f"trained (last.ckpt) predicts: {expected}\n" in stdout
 
 
+def test_gallery_captions_every_picture_and_says_what_its_steps_are(ckpt, digits, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--ckpt", ckpt, "--compare", "--image", *digits, "--cam", "GradCAM"]
+    assert main([*argv, "--cam-layer", "relu2", "--out", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    match = re.search(r'<script type="application/json" id="manifest">(.*?)</script>', page, re.S)
+    manifest = json.loads(match.group(1))
+    assert [s["label"] for s in manifest["steps"]] == ["untrained", "trained"]
+    rows = {row["name"]: row for row in manifest["layers"]}
+    assert rows["conv1"]["caption"] == [
+        "untrained (seed 0): channels 0-15 of 16",
+        "trained (model.ckpt): channels 0-15 of 16",
+    ]
+    untrained, trained = rows["cam"]["caption"]
+    assert untrained.startswith("untrained (seed 0): GradCAM on relu2; columns: input, predicted")
+    assert trained.startswith("trained (model.ckpt): GradCAM on relu2; columns: input, predicted")
+    # The frames are networks, not epochs: the probe's caption does not speak of epochs.
+    assert "epoch" not in re.search(r"<figcaption>(.*?)</figcaption>", page).group(1)
+
+
 @pytest.mark.slow
 def test_cam_of_a_timm_net_at_the_runs_cam_layer_or_another(timm_run, mnist_dir, tmp_path, capsys):
     out = tmp_path / "out"
@@ -610,8 +633,9 @@ def test_cam_of_a_timm_net_at_the_runs_cam_layer_or_another(timm_run, mnist_dir,
     assert "trained (last.ckpt) GradCAM on net.layer3" in stdout
     assert "1: pred " in stdout and ", true 7" in stdout and ", true 2" in stdout
     cam = _png(out / "cam" / "trained.png")
-    # rows: 2 images; columns: input, predicted class, true class; 28 px tiles drawn 84 px
-    assert cam.shape == (2 * 84 + 3 * 2, 3 * 84 + 4 * 2, 3)
+    # rows: 2 images; columns: input, predicted class, true class; 28 px tiles drawn 84 px,
+    # under the columns' names, beside each row's classes, above the colour scale
+    assert cam.shape[0] > CAM_HEADER_PX + 2 * 84 + 3 * 2 and cam.shape[1] > 3 * 84 + 4 * 2
     assert cam[:, 86:172].std() > 0  # the predicted-class overlay is not blank
     assert "cam/trained.png" in (out / "index.html").read_text()
 
@@ -691,9 +715,13 @@ def test_cam_of_files_and_its_layer(ckpt, digits, tmp_path, capsys):
     argv = ["--ckpt", ckpt, "--image", *digits, "--compare", "--out", str(out)]
     assert main([*argv, "--cam", "GradCAMpp", "--cam-layer", "conv2"]) == 0
     stdout = capsys.readouterr().out
-    assert "trained (model.ckpt) GradCAMpp on conv2; columns: input, predicted. 1: pred" in stdout
+    assert (
+        "trained (model.ckpt) GradCAMpp on conv2; columns: input, predicted, second (the "
+        "runner-up class). 1: pred" in stdout
+    )
     trained, untrained = _png(out / "cam" / "trained.png"), _png(out / "cam" / "untrained.png")
-    assert trained.shape == (2 * 84 + 3 * 2, 2 * 84 + 3 * 2, 3)  # no true class for files
+    # no true class for files: the third column is the runner-up's map
+    assert trained.shape[0] > CAM_HEADER_PX + 2 * 84 + 3 * 2 and trained.shape[1] > 3 * 84 + 8
     assert trained[:, 86:].std() > 0 and not np.array_equal(trained, untrained)
     index = (out / "index.html").read_text()
     assert "cam/trained.png" in index and "cam/untrained.png" in index

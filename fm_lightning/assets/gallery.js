@@ -4,9 +4,12 @@
   var SVG = "http://www.w3.org/2000/svg";  // a namespace name, never fetched
   var PANELS = [
     {keys: ["mean", "std"], colors: ["#1f77b4", "#ff7f0e"], fraction: false},
-    {keys: ["frac_zero", "dead_channels"], colors: ["#2ca02c", "#d62728"], fraction: true}
+    // dead channels on the probe, and (with examples on) over the whole validation set
+    {keys: ["frac_zero", "dead_channels_probe", "dead_channels_val"],
+      colors: ["#2ca02c", "#d62728", "#9467bd"], fraction: true}
   ];
-  var W = 300, H = 84, L = 40, R = 8, T = 6, B = 18;
+  // Plot size and margins; the left margin grows to fit the widest value label.
+  var W = 300, H = 84, L = 40, R = 8, T = 6, B = 18, CHAR_PX = 6.5;
   var slider = document.getElementById("epoch");
   var label = document.getElementById("epoch-label");
   var play = document.getElementById("play");
@@ -19,7 +22,7 @@
     if (text !== undefined) node.textContent = text;
     return node;
   }
-  function x(i) { return last > 0 ? L + (W - L - R) * i / last : (L + W - R) / 2; }
+  function x(i, left) { return last > 0 ? left + (W - left - R) * i / last : (left + W - R) / 2; }
   function fmt(v, fraction) {
     if (v === null || v === undefined) return "\u2013";
     return fraction ? (100 * v).toFixed(1) + "%" : Number(v.toPrecision(3)).toString();
@@ -46,20 +49,23 @@
     var hi = spec.fraction ? 1 : Math.max.apply(null, values.concat([0]));
     if (!(hi > lo)) { hi = lo + 1; }
     function y(v) { return T + (H - T - B) * (hi - v) / (hi - lo); }
+    var ticks = [hi, lo].map(function (v) { return fmt(v, spec.fraction); });
+    var left = Math.max(L, 8 + CHAR_PX * Math.max(ticks[0].length, ticks[1].length));
+    function px(i) { return x(i, left); }
     var svg = el("svg", {width: W, height: H, viewBox: "0 0 " + W + " " + H}, undefined, true);
-    svg.appendChild(el("rect", {x: L, y: T, width: W - L - R, height: H - T - B,
+    svg.appendChild(el("rect", {x: left, y: T, width: W - left - R, height: H - T - B,
       fill: "#fafbfc", stroke: "#e2e4e8"}, undefined, true));
-    [hi, lo].forEach(function (v) {
-      svg.appendChild(el("text", {x: L - 4, y: y(v) + 3, "text-anchor": "end", fill: "#666"},
-        fmt(v, spec.fraction), true));
+    [hi, lo].forEach(function (v, k) {
+      svg.appendChild(el("text", {x: left - 4, y: y(v) + 3, "text-anchor": "end", fill: "#666"},
+        ticks[k], true));
     });
     if (!spec.fraction && lo < 0 && hi > 0) {
-      svg.appendChild(el("line", {x1: L, x2: W - R, y1: y(0), y2: y(0), stroke: "#ccc",
+      svg.appendChild(el("line", {x1: left, x2: W - R, y1: y(0), y2: y(0), stroke: "#ccc",
         "stroke-dasharray": "3 3"}, undefined, true));
     }
     (last > 0 ? [0, last] : [0]).forEach(function (i) {
       var anchor = last === 0 ? "middle" : i ? "end" : "start";
-      svg.appendChild(el("text", {x: x(i), y: H - 5, "text-anchor": anchor, fill: "#666"},
+      svg.appendChild(el("text", {x: px(i), y: H - 5, "text-anchor": anchor, fill: "#666"},
         M.steps[i].label, true));
     });
     var cursor = el("line", {y1: T, y2: H - B, stroke: "#888"}, undefined, true);
@@ -70,10 +76,10 @@
       // A gap (null) breaks the line, so a value between gaps gets a dot of its own.
       stats[k].forEach(function (v, i, all) {
         if (v === null) { pen = "M"; return; }
-        d += pen + x(i).toFixed(1) + " " + y(v).toFixed(1) + " ";
+        d += pen + px(i).toFixed(1) + " " + y(v).toFixed(1) + " ";
         pen = "L";
         if (all[i - 1] == null && all[i + 1] == null) {
-          svg.appendChild(el("circle", {cx: x(i), cy: y(v), r: 2, fill: color}, undefined, true));
+          svg.appendChild(el("circle", {cx: px(i), cy: y(v), r: 2, fill: color}, undefined, true));
         }
       });
       svg.appendChild(el("path", {d: d, fill: "none", stroke: color, "stroke-width": 1.5},
@@ -92,13 +98,13 @@
     box.appendChild(svg);
     box.appendChild(legend);
     return {node: box, show: function (i) {
-      cursor.setAttribute("x1", x(i));
-      cursor.setAttribute("x2", x(i));
+      cursor.setAttribute("x1", px(i));
+      cursor.setAttribute("x2", px(i));
       parts.forEach(function (p) {
         var v = stats[p.k][i];
         p.value.textContent = fmt(v, spec.fraction);
         p.dot.setAttribute("visibility", v === null ? "hidden" : "visible");
-        if (v !== null) { p.dot.setAttribute("cx", x(i)); p.dot.setAttribute("cy", y(v)); }
+        if (v !== null) { p.dot.setAttribute("cx", px(i)); p.dot.setAttribute("cy", y(v)); }
       });
     }};
   }
@@ -139,7 +145,8 @@
     var dead = el("p", {"class": "dead"});
     section.appendChild(dead);
     var row = el("div", {"class": "row"});
-    var frame = track(layer, layer.name, row, 4, "frame");
+    // A CAM picture carries its own labels: drawn at its own size, its caption beside it.
+    var frame = track(layer, layer.name, row, layer.cam ? 1 : 4, layer.cam ? "frame cam" : "frame");
     row.appendChild(frame.node);
     var plots = PANELS.map(function (spec) { return panel(layer.stats, spec); })
       .filter(Boolean);
@@ -151,12 +158,15 @@
     section.appendChild(row);
     var examples = null, exampleNote = null;
     if (layer.examples) {
-      var heading = el("h3", {}, "top examples per channel");
+      // Folded: a grid is one row per drawn channel, thousands of pixels tall.
+      var fold = el("details", {"class": "examples"});
+      var heading = el("summary", {}, "top examples per channel");
       exampleNote = el("span", {"class": "note"});
       heading.appendChild(exampleNote);
-      examples = track(layer.examples, layer.name + " examples", section, 2, "examples");
-      examples.node.insertBefore(heading, examples.node.firstChild);
-      section.appendChild(examples.node);
+      fold.appendChild(heading);
+      examples = track(layer.examples, layer.name + " examples", section, 2, "");
+      fold.appendChild(examples.node);
+      section.appendChild(fold);
     }
     document.getElementById("layers").appendChild(section);
     views.push(function (i) {
