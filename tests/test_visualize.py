@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO, random_loader, tiny_trainer
 from PIL import Image, ImageDraw, ImageFilter
 
-from fm_lightning import ImageClassifier, MNISTDataModule, SimpleCNN, rendering
+from fm_lightning import ImageClassifier, MNISTDataModule, SimpleCNN
 from fm_lightning.cam import CAM_HEADER_PX
 from fm_lightning.capture import resolve_layers
 from fm_lightning.cli import main as train_main
@@ -904,10 +904,15 @@ def test_a_layer_named_cam_and_layers_with_one_safe_name_get_folders_of_their_ow
     argv += ["--layers", "cam", "a b", "a_b", "--cam", "gradcam", "--cam-layer", "a_b"]
     assert main(argv) == 0
     written = capsys.readouterr().out
+    index = (out / "index.html").read_text()
     for folder, channels in (("cam~2", 4), ("a_b", 6), ("a_b~2", 8)):
         assert f"  {folder}/untrained.png" in written
-        expected = rendering.feature_grid(torch.zeros(2, channels, 28, 28)).shape
-        assert _png(out / folder / "untrained.png").shape == expected
-    # cam/ holds the CAM alone: input and predicted-class columns (no labels for --image)
-    assert _png(out / "cam" / "untrained.png").shape[1] == 2 * 84 + 3 * 2
+        # the gallery's entry for that folder is the layer with that many channels
+        entry = re.search(
+            rf'"name": "{re.escape(folder)}", "src": \[[^]]*\], .*?"caption": \[([^]]*)\]', index
+        )
+        assert entry and f"channels 0-{channels - 1} of {channels}" in entry.group(1)
+    # cam/ holds the CAM alone: its columns' header above 84 px tiles, not a layer's maps
+    cam = _png(out / "cam" / "untrained.png")
+    assert cam.shape[0] > CAM_HEADER_PX + 2 * 84 + 3 * 2
     assert "GradCAM on a_b" in written
