@@ -23,6 +23,7 @@ from torch import nn
 
 from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN, rendering
 from fm_lightning.callbacks import _ranges
+from fm_lightning.cam import CAM_HEADER_PX
 from fm_lightning.capture import forward_hooks, resolve_layers
 
 
@@ -756,18 +757,14 @@ def test_every_layer_and_the_cam_get_folders_and_tags_of_their_own(tmp_path):
         trainer, _ = _fit(tmp_path, cb, logger, model=ImageClassifier(CollidingNames()))
     root = tmp_path / "maps"
     folders = {"cam": "cam~2", "a b": "a_b", "a_b": "a_b~2"}
-    for layer, folder in folders.items():
-        channels = {"cam": 4, "a b": 6, "a_b": 8}[layer]
+    for folder in folders.values():
         for epoch in (0, 1):
-            with Image.open(root / folder / f"epoch={epoch:03d}.png") as im:
-                maps = np.asarray(im.convert("RGB"))
-            expected = rendering.feature_grid(torch.zeros(4, channels, 28, 28)).shape
-            assert maps.shape[1] == expected[1], (layer, maps.shape)  # its own channel count
+            assert (root / folder / f"epoch={epoch:03d}.png").is_file()
             assert (root / folder / "examples" / f"epoch={epoch:03d}.png").is_file()
-    # cam/ holds the CAM pictures alone: 3 columns (input, predicted, true) of 84 px tiles
+    # cam/ holds the CAM pictures alone: the columns' header above 4 rows of 84 px tiles
     for epoch in (0, 1):
         with Image.open(root / "cam" / f"epoch={epoch:03d}.png") as im:
-            assert im.width == 3 * 84 + 4 * 2
+            assert im.height > CAM_HEADER_PX + 4 * 84 + 5 * 2
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["a_b", "a_b~2", "cam", "cam~2"]
     said = [str(w.message) for w in record if "pictures go to" in str(w.message)]
     assert len(said) == 2 and any("'a_b'" in s and "a_b~2/" in s and "'a b'" in s for s in said)
@@ -777,7 +774,10 @@ def test_every_layer_and_the_cam_get_folders_and_tags_of_their_own(tmp_path):
     assert stats["layers"] == ["cam~2", "a_b", "a_b~2"]
     captions = stats["history"][-1]["captions"]
     assert captions["cam"].startswith("epoch 1: GradCAM on a_b")
-    assert captions["cam~2"].startswith("epoch 1, step") and "of 4" in captions["cam~2"]
+    for layer, folder in folders.items():  # each folder holds its own layer's channels
+        channels = {"cam": 4, "a b": 6, "a_b": 8}[layer]
+        assert captions[folder].startswith("epoch 1, step")
+        assert f"channels 0-{channels - 1} of {channels}" in captions[folder]
 
     acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
     acc.Reload()
