@@ -120,6 +120,7 @@ from fm_lightning.gallery import (
     write_index,
 )
 from fm_lightning.layouts import interpret
+from fm_lightning.probing import measure_layout, measure_layouts
 
 EXAMPLES_BATCH = 500  # MNIST test images per forward pass of the --examples sweep
 
@@ -381,8 +382,10 @@ def cam_picture(
         ((key, module),) = found.items()
         name = next(n for n, m in model.named_modules() if m is module)
 
+        reading = measure_layout(model, module, x)
+
         def reshape(t: Tensor) -> Tensor:
-            return interpret(t, module=module, model=model, num_rows=len(x)).act
+            return interpret(t, module=module, model=model, num_rows=len(x), reading=reading).act
 
     result = class_activation_maps(model, x, method, layer=name, targets=targets, reshape=reshape)
     if layer is not None:  # named as the user named it (conv2, not net.conv2), as the callback does
@@ -732,7 +735,13 @@ def _draw(
     for variant, model in nets.variants.items():
         modules = resolve_layers(model, args.layers)
         captured, logits = capture(
-            model, x, modules, max_channels=args.max_channels, order=args.order, stats=False
+            model,
+            x,
+            modules,
+            max_channels=args.max_channels,
+            order=args.order,
+            readings=measure_layouts(model, x, modules),
+            stats=False,
         )
         lines.append(f"{what[variant]} predicts: {_predictions(logits)}")
         for layer, cap in captured.items():
