@@ -437,9 +437,10 @@ class FeatureMapCallback(Callback):
         modules = dict(self._modules)
         if self._cam_module is not None:
             modules.setdefault(*self._cam_module)
-        with trainer.precision_plugin.forward_context():
-            found = probing.measure_layouts(pl_module, probe, modules, known=self._readings)
-        self._readings.update(found)
+        if not all(name in self._readings for name in modules):  # a later call's comes along
+            with trainer.precision_plugin.forward_context():
+                found = probing.measure_layouts(pl_module, probe, modules, known=self._readings)
+            self._readings.update(found)
         for key, reading in self._readings.items():  # some measured by the examples' stream
             if isinstance(reading, Fallback) and capture.match_layer(self.layouts, key) is None:
                 self._warn_once(

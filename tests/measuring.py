@@ -35,9 +35,10 @@ def read(model: nn.Module, name: str, probe: Any) -> tuple[Reading, Maps]:
     """(measured reading, drawn maps) of layer ``name`` for ``probe``."""
     model.eval()
     layer = model.get_submodule(name)
-    reading = measure_layout(model, layer, probe)
     if os.environ.get("FM_TODAYS_RULES"):
         reading = Fallback("today's rules")
+    else:
+        reading = measure_layout(model, layer, probe)
     output = output_of(model, name, probe)
     n = num_rows(probe)
     return reading, interpret(output, module=layer, model=model, num_rows=n, reading=reading)

@@ -277,3 +277,35 @@ def test_one_channel_maps_and_shapes_never_drawn():
         shape=(1, 12, 16), channel=1, rows=2, cols=3
     )
     assert measure_layout(model, model[1], x) is None  # 1-D: interpret refuses it, not us
+
+
+def test_the_callback_warns_once_naming_a_layer_it_could_not_measure(tmp_path):
+    import warnings
+
+    from conftest import tiny_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fm_lightning import FeatureMapCallback, ImageClassifier
+
+    class IdsClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ids = Ids()
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, input_ids: Tensor) -> Tensor:
+            return self.head(self.ids(input_ids).mean(1))
+
+    data = TensorDataset(torch.randint(0, 50, (16, 12)), torch.randint(0, 3, (16,)))
+    loader = DataLoader(data, batch_size=8)
+    cb = FeatureMapCallback(layers=["ids.encoder"], num_images=4, save_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tiny_trainer(tmp_path, [cb], max_epochs=2).fit(
+            ImageClassifier(IdsClassifier(), num_classes=3), loader, loader
+        )
+    ours = [str(w.message) for w in record if "FeatureMapCallback" in str(w.message)]
+    assert len(ours) == 1, ours  # once, not once per epoch
+    assert "layer 'ids.encoder'" in ours[0] and "layouts={'ids.encoder': " in ours[0]
+    assert "no floating-point input" in ours[0]
+    assert len(list((tmp_path / "ids.encoder").glob("epoch=*.png"))) == 2  # still drawn
