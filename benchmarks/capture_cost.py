@@ -14,8 +14,13 @@ Contenders, interleaved per model (order flipping every round, untimed warm-up f
              (max_channels=32, order="index", stats on: eval mode, hooks, layout reading, channel
              selection and statistics) then ``rendering.feature_grid`` for each layer. Logging and
              PNG files are left out (benchmarks/callback_overhead.py times those).
+    measure  ``fm_lightning.probing.measure_layouts`` of the same layers: how each output lies on
+             the input, measured once per layer per fit before the first capture (one pass of
+             one probe row to find the calls, then per layer a few rows up to the layer and one
+             backward pass).
 
-Target, per model: capture / bare <= 2.0 (median of the per-round ratios; the target is for CPU).
+Targets, per model: capture / bare <= 2.0, and measure / capture <= 2.0 (medians of the per-round
+ratios; the targets are for CPU).
 
 Memory (reported, no target): the peak resident memory (RSS) one call adds, for each contender,
 and the difference. ``tracemalloc`` does not see torch's CPU tensors, so each measurement runs in a
@@ -41,13 +46,14 @@ import timm
 import torch
 from torch import nn
 
-from fm_lightning import capture, rendering
+from fm_lightning import capture, probing, rendering
 
 MODELS = {  # timm name -> layers, as a FeatureMapCallback user would write them
     "resnet50": ["layer*"],
     "vit_small_patch16_224": ["blocks.2", "blocks.5", "blocks.8", "blocks.11"],
 }
 TARGET = 2.0
+MEASURE_TARGET = 2.0  # layout measurement of the layers / one capture of them
 
 parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
 parser.add_argument("--repeats", type=int, default=10, help="bare/capture rounds per model")
@@ -190,13 +196,25 @@ def bench(name: str) -> tuple[int, float, float]:
         render_s.append(r.s)
         return t.s
 
-    times = common.interleaved({"bare": time_bare, "capture": time_capture}, args.repeats)
+    def time_measure() -> float:
+        with common.Timer(device) as t:
+            probing.measure_layouts(model, probe, modules)
+        return t.s
+
+    readings = probing.measure_layouts(model, probe, modules)
+    for key, reading in readings.items():
+        print(f"  {key:10s} measured {reading}")
+    contenders = {"bare": time_bare, "capture": time_capture, "measure": time_measure}
+    times = common.interleaved(contenders, args.repeats)
     common.spread_warning(times)
     ratio = common.ratios(times["capture"], times["bare"])
+    measure_ratio = common.ratios(times["measure"], times["capture"])
     print(f"  bare     {common.fmt_s(times['bare'])}")
     print(f"  capture  {common.fmt_s(times['capture'])}")
     print(f"    of which rendering {common.fmt_s(render_s)}")
+    print(f"  measure  {common.fmt_s(times['measure'])}")
     print(common.fmt_ratios("capture / bare", ratio))
+    print(common.fmt_ratios("measure / capture", measure_ratio))
 
     mem = measure_memory(name)
     peak = {which: common.median(m["rss"]) for which, m in mem.items()}
@@ -212,7 +230,7 @@ def bench(name: str) -> tuple[int, float, float]:
             f"  peak CUDA memory added: bare {mib(cuda['bare'])}, capture {mib(cuda['capture'])}, "
             f"capture over bare {mib(cuda['capture'] - cuda['bare'])}"
         )
-    return len(captured), ratio["per-round median"], extra
+    return len(captured), ratio["per-round median"], extra, measure_ratio["per-round median"]
 
 
 def main() -> None:
@@ -225,13 +243,19 @@ def main() -> None:
     print()
     common.print_load("at end")
     where = "" if device.type == "cpu" else f" (target is for CPU; ran on {device.type})"
-    for name, (layers, ratio, extra) in verdicts.items():
+    for name, (layers, ratio, extra, measure) in verdicts.items():
         common.target(
             f"{name}: capture + render of {layers} layers x {args.images} "
             f"images <= {TARGET} x the bare forward{where}",
             ratio <= TARGET,
             f"capture/bare = {ratio:.3f} (median of {args.repeats} per-round ratios); peak "
             f"extra RSS over bare {mib(extra)}",
+        )
+        common.target(
+            f"{name}: layout measurement of {layers} layers <= {MEASURE_TARGET} x one capture "
+            f"of them{where}",
+            measure <= MEASURE_TARGET,
+            f"measure/capture = {measure:.3f} (median of {args.repeats} per-round ratios)",
         )
 
 

@@ -39,7 +39,7 @@ from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from torch import nn
 from typing_extensions import override
 
-from fm_lightning import capture, rendering
+from fm_lightning import capture, probing, rendering
 from fm_lightning.cam import cam_caption, cam_grid, check_cam_method, class_activation_maps
 from fm_lightning.examples import (
     MAX_EXAMPLES,
@@ -53,7 +53,7 @@ from fm_lightning.examples import (
 )
 from fm_lightning.files import distinct_path_parts, safe_path_part
 from fm_lightning.gallery import CAM_DIR, RESERVED_NAMES
-from fm_lightning.layouts import check_layout, interpret
+from fm_lightning.layouts import Fallback, check_layout, interpret
 from fm_lightning.publishing import LocalRun, Picture, publish, publish_gifs, without_pictures
 
 # Keys tried, in order, when a batch is a dict and no input_key/input_fn was given.
@@ -89,9 +89,10 @@ class FeatureMapCallback(Callback):
             batch itself, its first element, or a usual dict key (``"image"``, ``"x"``, ...).
         input_fn: a function ``batch -> model input``. It may return a Tensor (``model(x)``), a
             tuple (``model(*x)``) or a dict (``model(**x)``, e.g. ``{"pixel_values": ...}``).
-        layouts: per-layer reading of outputs the automatic rule cannot guess,
-            ``{pattern: layout}`` with a layout from :data:`fm_lightning.layouts.LAYOUTS` or a
-            function ``output tensor -> (N, C, H, W) or (N, F)``, e.g. ``{"blocks.*": "tokens"}``.
+        layouts: per-layer readings that win over the measured ones (``fm_lightning.probing``,
+            once per layer and fit), ``{pattern: layout}`` with a layout from
+            :data:`fm_lightning.layouts.LAYOUTS` or a function ``output tensor -> (N, C, H, W)
+            or (N, F)``, e.g. ``{"blocks.*": "tokens"}``.
         log_stats: also log per-layer mean, std, fraction of zeros and dead channels as scalars.
         examples: top examples per drawn channel (0: off, at most 100; no more than the
             validation set holds are kept). On a captured epoch the layers are
@@ -236,6 +237,7 @@ class FeatureMapCallback(Callback):
         # so that a column of the pictures is one channel over time. {layer: (C',) indices}
         self._run_channels: dict[str, torch.Tensor] = {}
         self._fields: dict[str, ReceptiveField] = {}  # receptive fields, measured once per layer
+        self._readings: dict[str, probing.Reading] = {}  # output layouts, measured once per fit
         self._dead: dict[str, DeadChannels] = {}
         self._capturing = False  # this validation run is the one to draw
         self._warned: set[str] = set()
@@ -385,6 +387,7 @@ class FeatureMapCallback(Callback):
         # Only rank zero draws, but every rank runs the forward so sharded models stay in step.
         modules = self._modules if trainer.is_global_zero else {}
         try:
+            self._measure_layouts(trainer, pl_module, probe)
             captured, _ = capture.capture(
                 pl_module,
                 self.probe,
@@ -392,6 +395,7 @@ class FeatureMapCallback(Callback):
                 max_channels=self.max_channels,
                 order=self.order,
                 layouts_by_layer=self.layouts,
+                readings=self._readings,
                 stats=self.log_stats,
                 forward_context=trainer.precision_plugin.forward_context(),
                 channels=self._run_channels,
@@ -430,6 +434,7 @@ class FeatureMapCallback(Callback):
         self._stream_hooks.close()
         # No reference to the model outlives the run.
         self._modules, self._cam_module, self._stream = {}, None, None
+        self._readings = {}  # measured again next fit: the model may have changed
         self._capturing = False
 
     @override
@@ -467,6 +472,31 @@ class FeatureMapCallback(Callback):
                 self._cam_module = next(iter(found.items()))
         except ValueError as err:
             raise ValueError(f"FeatureMapCallback: {err}") from None
+
+    def _measure_layouts(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Any
+    ) -> None:
+        """How each layer's (and the CAM layer's) output lies on the input, once per fit.
+
+        Every rank measures (the forward passes keep sharded models in step); a layer whose
+        layout cannot be measured warns once, naming it, and is read by the fallback rules.
+        """
+        modules = dict(self._modules)
+        if self._cam_module is not None:
+            modules.setdefault(*self._cam_module)
+        if not all(name in self._readings for name in modules):  # a later call's comes along
+            with trainer.precision_plugin.forward_context():
+                found = probing.measure_layouts(pl_module, probe, modules, known=self._readings)
+            self._readings.update(found)
+        for key, reading in self._readings.items():  # some measured by the examples' stream
+            if isinstance(reading, Fallback) and capture.match_layer(self.layouts, key) is None:
+                self._warn_once(
+                    f"layout:{key}",
+                    f"FeatureMapCallback: could not measure how layer {key!r} lays out its "
+                    f"output ({reading.reason}), so it is read by the fallback rules (the kinds "
+                    "of its modules; its caption says how). If that is wrong, give it a layout: "
+                    f"layouts={{{key!r}: 'nchw' | 'nhwc' | 'tokens' | 'sequence' | a function}}.",
+                )
 
     def _shared_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """Rank zero's probe (and targets), on every rank and on the model's device; or None."""
@@ -574,6 +604,7 @@ class FeatureMapCallback(Callback):
             channels=channels,
             fields=self._fields,
             layouts_by_layer=self.layouts,
+            readings=self._readings,
         )
 
     def _examples_kept(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> int:
@@ -587,6 +618,7 @@ class FeatureMapCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Any
     ) -> dict[str, torch.Tensor]:
         """The channels the maps draw for this probe (order="activation"), per layer."""
+        self._measure_layouts(trainer, pl_module, probe)
         captured, _ = capture.capture(
             pl_module,
             probe,
@@ -594,6 +626,7 @@ class FeatureMapCallback(Callback):
             max_channels=self.max_channels,
             order=self.order,
             layouts_by_layer=self.layouts,
+            readings=self._readings,
             stats=False,
             forward_context=trainer.precision_plugin.forward_context(),
             channels=self._run_channels,
@@ -694,10 +727,16 @@ class FeatureMapCallback(Callback):
             key, module = self._cam_module
             layer = next(n for n, m in pl_module.named_modules() if m is module)
             layout = capture.match_layer(self.layouts, key) or "auto"
+            reading = self._readings.get(key)  # measured with the layers, before the capture
 
             def reshape(t: torch.Tensor) -> torch.Tensor:
                 return interpret(
-                    t, module=module, model=pl_module, num_rows=len(probe), layout=layout
+                    t,
+                    module=module,
+                    model=pl_module,
+                    num_rows=len(probe),
+                    layout=layout,
+                    reading=reading,
                 ).act
 
         try:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torchcam.methods._utils import locate_candidate_layer
 
 from fm_lightning.capture import eval_mode
+from fm_lightning.layouts import first_tensor
 from fm_lightning.rendering import (
     COLORBAR_PX,
     DEAD_RGB,
@@ -257,7 +258,11 @@ def class_activation_maps(
         extractor = extractor_cls(
             model, layer, input_shape=tuple(inputs.shape[1:]), reshape_transform=reshape
         )
-        with extractor, contextlib.closing(_Remover(hook)):
+        with (
+            extractor,
+            contextlib.closing(_Remover(hook)),
+            _hooks_see_first_tensor(extractor, model),
+        ):
             logits = model(x)
             _check_logits(logits, n)
             _check_activation(extractor.hook_a[0], layer)  # what torchcam hooked (and reshaped)
@@ -265,9 +270,8 @@ def class_activation_maps(
             probs = logits.detach().float().softmax(dim=1)  # (N, num_classes)
             prob = probs.gather(1, pred[:, None]).squeeze(1)
             is_class = None
-            wrong = torch.zeros_like(
-                pred, dtype=torch.bool
-            )  # (N,) rows with a true map of their own
+            # (N,) rows whose true class has a map of its own
+            wrong = torch.zeros_like(pred, dtype=torch.bool)
             if targets is not None:
                 targets = targets.to(device=pred.device, dtype=torch.long)
                 is_class = (targets >= 0) & (targets < logits.shape[1])  # (N,)
@@ -490,6 +494,40 @@ def _overlay(base: Tensor, maps: Tensor, cmap: str, alpha: float) -> Tensor:
     """(N, 3, H, W) images in [0, 1] blended with (N, H, W) maps drawn through ``cmap``."""
     heat = colorize(maps.detach().cpu(), cmap)  # (N, 3, H, W)
     return base.lerp(heat, alpha)
+
+
+@contextlib.contextmanager
+def _hooks_see_first_tensor(extractor: object, model: nn.Module) -> Iterator[None]:
+    """torchcam's forward hooks on the CAM layer get its output's first tensor, kept intact.
+
+    torchcam keeps the tensor its hooks are handed and differentiates the scores with respect to
+    it. Handed a tuple, dict or ``ModelOutput`` (attention blocks, HF layers) it fails ("target
+    score is not connected"): its hooks get the first tensor, as the feature maps draw it. And the
+    model goes on with a copy of that tensor, so an in-place op after the layer (``ReLU(inplace=
+    True)``) changes the copy, not the activation torchcam keeps and differentiates.
+    """
+    (name,) = extractor.target_names
+    layer = dict(model.named_modules())[name]
+    hooks = [h for h in extractor.hook_handles if h.hooks_dict_ref() is layer._forward_hooks]
+    torchcam_hooks = [h.hooks_dict_ref()[h.id] for h in hooks]
+    for handle in hooks:
+        handle.remove()
+
+    def hook(module: nn.Module, args: object, output: object) -> object:
+        act, _ = first_tensor(output)
+        for fn in torchcam_hooks:
+            fn(module, args, act)
+        if output is act:  # the model goes on with a copy; torchcam keeps the original
+            return act.clone()
+        if type(output) in (tuple, list) and output and output[0] is act:
+            return type(output)([act.clone(), *output[1:]])
+        return None  # other containers are handed on as they are
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _check_layer(model: nn.Module, layer: object) -> None:

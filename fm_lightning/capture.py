@@ -1,9 +1,10 @@
 """What chosen layers output for a fixed probe: layer names, hooks, the probe pass, its inputs.
 
     modules = resolve_layers(model, ["conv1", "features.*", "**.fc1"])   # {name: module}
-    captured, output = capture(model, probe, modules, max_channels=32)   # {name: Captured}
+    readings = probing.measure_layouts(model, probe, modules)  # how each output lies, once
+    captured, output = capture(model, probe, modules, max_channels=32, readings=readings)
     captured["conv1"].act           # (N, C', H, W) float32 on the CPU: only the channels to draw
-    captured["blocks.0"].note       # how it was read, e.g. "tokens 8x8 +1 prefix, 192 channels"
+    captured["blocks.0"].note       # how it was read, e.g. "measured: tokens 8x8 +1 prefix, ..."
 
 Used by :class:`~fm_lightning.FeatureMapCallback` during training and by ``fm_lightning.visualize``
 for checkpoints, so both draw the same thing. Nothing here knows about Lightning.
@@ -279,6 +280,7 @@ def capture(
     max_channels: int = 32,
     order: str = "index",
     layouts_by_layer: Mapping[str, Any] | None = None,
+    readings: Mapping[str, Any] | None = None,
     stats: bool = True,
     forward_context: AbstractContextManager | None = None,
     channels: Mapping[str, Tensor] | None = None,
@@ -293,6 +295,9 @@ def capture(
         modules: ``{name: module}``, as from :func:`resolve_layers`.
         max_channels, order: see :func:`fm_lightning.rendering.select_channels`.
         layouts_by_layer: ``{pattern: layout}`` overrides, see :mod:`fm_lightning.layouts`.
+        readings: ``{key: reading}`` measured layouts, from
+            :func:`fm_lightning.probing.measure_layouts`; a key without one is read by the
+            fallback rules.
         stats: also compute :func:`fm_lightning.rendering.activation_stats` per layer.
         forward_context: see :func:`probe_pass`.
         channels: ``{key: (C',) indices}`` to draw instead of choosing them (e.g. the channels
@@ -311,7 +316,14 @@ def capture(
     def record(key: str, module: nn.Module, output: Any) -> None:
         layout = match_layer(overrides, key) or "auto"
         try:
-            maps = layouts.interpret(output, module=module, model=model, num_rows=n, layout=layout)
+            maps = layouts.interpret(
+                output,
+                module=module,
+                model=model,
+                num_rows=n,
+                layout=layout,
+                reading=(readings or {}).get(key),
+            )
         except layouts.LayoutError as err:
             captured[key] = Captured(error=str(err))
             return

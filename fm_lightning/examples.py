@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fm_lightning.capture import eval_mode, forward_hooks, match_layer
+from fm_lightning.capture import forward_hooks, match_layer
 from fm_lightning.layouts import LayoutError, interpret
+from fm_lightning.probing import Reading, forward_to, gradients_on, measure_layouts
 from fm_lightning.rendering import check_cmap, colorize, normalize_maps
 from fm_lightning.text import stamp, text_width
 
@@ -438,41 +439,26 @@ def receptive_field(
         )
     if not example_input.is_floating_point():
         raise ValueError(f"expected a floating-point example_input, got {example_input.dtype}")
-    captured: list[object] = []
-
-    def hook(module, args, output):
-        captured.append(output)
-        raise _Reached  # the rest of the forward pass is not needed
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
-            x = example_input.clone()  # a normal tensor, even from an inference tensor
-            g = torch.Generator(device=x.device).manual_seed(0)
-            spread = x.float().std().nan_to_num(1.0).clamp(min=1e-3).item()
-            noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * spread
-            x = torch.cat([x, x + noise]).requires_grad_(True)  # (2B, Cin, H, W)
-            try:
-                model(x)
-            except _Reached:
-                pass
-            if not captured:
-                raise ValueError("expected the layer to run in model(example_input)")
-            maps = to_maps(captured[0]) if to_maps is not None else captured[0]
-            if not isinstance(maps, Tensor) or maps.dim() != 4:
-                raise ValueError(
-                    f"expected the layer's maps as (N, C, h, w), got {_shape(maps)}; pass to_maps"
-                )
-            h, w = maps.shape[-2:]
-            py, px = position if position is not None else (h // 2, w // 2)
-            if not (0 <= py < h and 0 <= px < w):
-                raise ValueError(f"expected position inside the {h}x{w} grid, got {(py, px)}")
-            qy = py + 1 if py + 1 < h else max(py - 1, 0)  # a neighbour, for the stride
-            qx = px + 1 if px + 1 < w else max(px - 1, 0)
-            box_a = _extent(maps, x, py, px, retain=True)
-            box_b = _extent(maps, x, qy, qx, retain=False)
-    finally:
-        handle.remove()
+    with gradients_on(model):
+        x = example_input.clone()  # a normal tensor, even from an inference tensor
+        g = torch.Generator(device=x.device).manual_seed(0)
+        spread = x.float().std().nan_to_num(1.0).clamp(min=1e-3).item()
+        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * spread
+        x = torch.cat([x, x + noise]).requires_grad_(True)  # (2B, Cin, H, W)
+        output = forward_to(model, layer, x)  # the rest of the forward pass is not needed
+        maps = to_maps(output) if to_maps is not None else output
+        if not isinstance(maps, Tensor) or maps.dim() != 4:
+            raise ValueError(
+                f"expected the layer's maps as (N, C, h, w), got {_shape(maps)}; pass to_maps"
+            )
+        h, w = maps.shape[-2:]
+        py, px = position if position is not None else (h // 2, w // 2)
+        if not (0 <= py < h and 0 <= px < w):
+            raise ValueError(f"expected position inside the {h}x{w} grid, got {(py, px)}")
+        qy = py + 1 if py + 1 < h else max(py - 1, 0)  # a neighbour, for the stride
+        qx = px + 1 if px + 1 < w else max(px - 1, 0)
+        box_a = _extent(maps, x, py, px, retain=True)
+        box_b = _extent(maps, x, qy, qx, retain=False)
     height_in, width_in = example_input.shape[-2:]
     size_y, stride_y, offset_y = _axis(box_a[0], box_b[0], py, qy, height_in, h)
     size_x, stride_x, offset_x = _axis(box_a[1], box_b[1], px, qx, width_in, w)
@@ -657,10 +643,6 @@ class DeadChannels:
         self.since, self.num_channels, self._above = since, num_channels, above
 
 
-class _Reached(Exception):
-    """Raised by receptive_field's hook: the forward pass got as far as it needs."""
-
-
 _FIELD_INPUTS = 8  # inputs of the first batch that receptive_field() measures a layer with
 _OVERLAY_ALPHA = 0.45
 _OUTSIDE = 0.85  # light grey: outside the input, or an empty slot
@@ -834,7 +816,8 @@ class ExampleStream:
         states = stream.states()                  # {layer: TopKExamples.state()}
 
     A layer's receptive field is measured once (:func:`receptive_field`, on the first 8 inputs of
-    the first batch) and kept in ``fields`` (pass the same dict again next epoch). Outputs are
+    the first batch) and kept in ``fields`` (pass the same dict again next epoch); so is its
+    output's layout, in ``readings`` (:func:`fm_lightning.probing.measure_layouts`). Outputs are
     read with :func:`fm_lightning.layouts.interpret`; a layer whose output is not (B, C, h, w)
     maps gets an entry in ``errors`` instead. Only a module's first call in a forward is streamed
     (the field belongs to it). ``channels`` gives the drawn channels per layer; else the first
@@ -850,6 +833,7 @@ class ExampleStream:
         channels: Mapping[str, Tensor] | None = None,
         fields: dict[str, ReceptiveField] | None = None,
         layouts_by_layer: Mapping[str, object] | None = None,
+        readings: dict[str, Reading] | None = None,
     ) -> None:
         self.model = model
         self.modules = dict(modules)
@@ -858,13 +842,17 @@ class ExampleStream:
         self.channels = dict(channels or {})
         self.fields = fields if fields is not None else {}
         self.layouts_by_layer = layouts_by_layer or {}
+        self.readings = readings if readings is not None else {}
         self.topk: dict[str, TopKExamples] = {}
         self.errors: dict[str, str] = {}
 
     def _maps(self, name: str, output: object, rows: int) -> Tensor:
         layout = match_layer(self.layouts_by_layer, name) or "auto"
         module = self.modules[name]
-        act = interpret(output, module=module, model=self.model, num_rows=rows, layout=layout).act
+        reading = self.readings.get(name)
+        act = interpret(
+            output, module=module, model=self.model, num_rows=rows, layout=layout, reading=reading
+        ).act
         if act.dim() != 4:
             raise LayoutError(f"expected (N, C, h, w) maps for examples, got {_shape(act)}")
         return act
@@ -889,6 +877,8 @@ class ExampleStream:
         for name, module in self.modules.items():
             if name in self.errors:
                 continue
+            if name not in self.readings:  # the first validation: no probe was measured yet
+                self.readings.update(measure_layouts(self.model, inputs, {name: module}))
             if name not in self.fields:
                 # A few inputs (and their noisy copies) find the field as well as a whole batch,
                 # in the model's own dtype (bf16-true, 16-true), or as floats for integer inputs.

@@ -2,53 +2,24 @@
 
 Example::
 
-    maps = interpret(output, module=model.blocks[3], model=model, num_rows=8)
+    reading = probing.measure_layout(model, model.blocks[3], probe)  # once per layer and fit
+    maps = interpret(output, module=model.blocks[3], model=model, num_rows=8, reading=reading)
     maps.act    # (8, 192, 14, 14): a ViT block's tokens on their patch grid, CLS dropped
-    maps.note   # "tokens 14x14 +1 prefix, 192 channels": for the caption and the gallery
+    maps.note   # "measured: tokens 14x14 +1 prefix, 192 channels": for captions and the gallery
     interpret(output, module=m, model=model, num_rows=8, layout="nhwc")  # force a reading
     grid = lambda t: t[:, 1:].mT.unflatten(2, (14, 14))  # (N, 197, D) -> (N, D, 14, 14)
     interpret(output, module=m, model=model, num_rows=8, layout=grid)  # the escape hatch
 
-``output`` is whatever a forward hook received. ``check_layout`` validates a layout given by
-the user (at construction, before any training). Pure functions of their inputs: no Lightning,
-no hooks (those live in the capture module), no copies beyond the views a reshape needs.
-
-What is drawn, with ``layout="auto"`` (N = ``num_rows``, the probe size):
-
-======================================  ====================================================
-output shape                            what is drawn
-======================================  ====================================================
-(N, C, H, W)                            as is; 1x1 maps (a global pool) too: rendering
-                                        normalises those across channels per image
-(N, H, W, C) from a module acting on    permuted to (N, C, H, W), note "channels-last ->
-the last dim: Linear, LayerNorm,        NCHW"
-RMSNorm, timm ``Mlp`` (Linear only),
-timm ``PatchEmbed`` with NHWC output
-(N, H, W, C) from an element-wise       follows the nearest enclosing module with known
-module (GELU, Dropout, Identity)        layers when they all act on the last dim (timm
-                                        ``Mlp.act``); otherwise read as NCHW (torchvision
-                                        ConvNeXt's ``block.4``: override with ``"nhwc"``)
-(N, L, D) tokens                        (N, D, h, w), the k prefix tokens (CLS, registers)
-                                        dropped. Grid and k from the model: timm
-                                        ``patch_embed.grid_size``, HF ``config.image_size //
-                                        config.patch_size``, L - h * w = k <= 8; else a
-                                        square L - k, k = the model's ``num_prefix_tokens``
-                                        or else the smallest k in 0..8 (note "square grid
-                                        guessed"); else a 1-D sequence (N, D, 1, L)
-(N, L, D) from nn.RNN / LSTM / GRU      a 1-D sequence (N, D, 1, L): time is not space
-(N, C, L) from Conv1d, MaxPool1d,       1-D maps (N, C, 1, L). A Conv2d-made 3-D output is
-BatchNorm1d... or modules made of       flattened patches, read as tokens
-such layers only
-(L, N, D): dim 1 is N and dim 0 is      transposed to (N, L, D), then read as above
-not; or the module (RNN, attention)
-says ``batch_first=False``
-(N, F)                                  features: one heatmap row per image
-tuple / list, e.g. LSTM (out, (h, c))   the first tensor, depth first: "[0] of tuple"
-dict, dataclass, HF ``ModelOutput``     the first tensor field: "last_hidden_state of
-                                        BaseModelOutput"
-leading dim not N (after the rule       :class:`LayoutError`: rows that are not the probe
-above); 1-D, 5-D or more; empty         inputs are never drawn
-======================================  ====================================================
+``output`` is whatever a forward hook received; its first tensor (depth first in tuples, dicts,
+dataclasses, HF ``ModelOutput``) is read, named in the note ("[0] of tuple"). With
+``layout="auto"`` the reading is the one measured on the model (:class:`Measured`, from
+:mod:`fm_lightning.probing`). Where the measurement could not decide (:class:`Fallback`), the
+fallback rules read the shape from the kinds of the modules inside ``module`` (Conv1d: (N, C, L);
+Linear, LayerNorm: (N, L, D) and (N, H, W, C)) and a grid the model states (timm
+``patch_embed.grid_size``, HF ``config.image_size // patch_size``) or a square, and the note
+starts with "fallback (why):". A sequence (a model whose input is not an image) is never folded
+into a grid. (L, N, D) outputs (dim 1 is N and dim 0 is not, or the module says
+``batch_first=False``) are transposed first.
 
 Explicit layouts force one reading and raise :class:`LayoutError` ("expected X, got Y") when
 the shape cannot be read that way: ``"nchw"`` (N, C, H, W), or (N, C, L) as 1-D maps;
@@ -68,7 +39,17 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["LAYOUTS", "LayoutError", "Maps", "check_layout", "interpret"]
+__all__ = [
+    "LAYOUTS",
+    "Fallback",
+    "LayoutError",
+    "Maps",
+    "Measured",
+    "batch_first",
+    "check_layout",
+    "first_tensor",
+    "interpret",
+]
 
 LAYOUTS = ("auto", "nchw", "nhwc", "tokens", "sequence", "sequence_first", "features")
 
@@ -135,6 +116,44 @@ class Maps:
     layout: str
 
 
+@dataclass(frozen=True)
+class Measured:
+    """How a layer's output lies on the model's input, measured (see :mod:`fm_lightning.probing`).
+
+    Dims index the batch-first output (dim 0 is N).
+
+    Attributes:
+        shape: The output's shape without N, as measured; another shape is not read this way.
+        channel: The dim whose slices all depend on the same input region: channels, features.
+        rows: The dim following the input's height, or None (1-D, tokens).
+        cols: The dim following the input's width (or its one axis); with ``tokens``, the dim
+            holding the tokens.
+        tokens: (k, h, w): k prefix tokens (no single input region) then an h x w grid, row by
+            row; None when the positions are not tokens.
+    """
+
+    shape: tuple[int, ...]
+    channel: int
+    rows: int | None
+    cols: int
+    tokens: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Why a layout could not be measured; the fallback rules read the output instead.
+
+    Attributes:
+        reason: For the caption and the warning, e.g. "no gradient from the input reaches the
+            output".
+        image_input: The model's input is an image (two positional axes): only then may a
+            sequence of tokens be read on a grid.
+    """
+
+    reason: str
+    image_input: bool = True
+
+
 def check_layout(value: object) -> Layout:
     """Returns ``value`` if it is a layout :func:`interpret` accepts, else a ValueError.
 
@@ -153,7 +172,13 @@ def check_layout(value: object) -> Layout:
 
 
 def interpret(
-    output: object, *, module: nn.Module, model: nn.Module, num_rows: int, layout: Layout = "auto"
+    output: object,
+    *,
+    module: nn.Module,
+    model: nn.Module,
+    num_rows: int,
+    layout: Layout = "auto",
+    reading: Measured | Fallback | None = None,
 ) -> Maps:
     """Reads what a forward hook received as (N, C, H, W) maps or (N, F) features.
 
@@ -164,7 +189,9 @@ def interpret(
         model: The root module, searched (from ``module`` up) for the token grid.
         num_rows: The probe size N; the drawn rows must be the N probe inputs.
         layout: ``"auto"`` (see the module docstring), an explicit layout from
-            :data:`LAYOUTS`, or a callable.
+            :data:`LAYOUTS`, or a callable. An explicit layout wins over ``reading``.
+        reading: What was measured for this layer (``"auto"`` only); None: the fallback rules,
+            without a reason in the note.
 
     Returns:
         :class:`Maps` with the drawable tensor and how it was read.
@@ -174,27 +201,49 @@ def interpret(
             one row per probe input.
     """
     check_layout(layout)
-    x, where = _first_tensor(output)
+    x, where = first_tensor(output)
     notes = [where] if where else []
     if callable(layout):
         return _custom(layout, x, num_rows, notes)
-    if x.numel() == 0 or not 2 <= x.dim() <= 4:
-        raise LayoutError(
-            f"expected a non-empty 2-D to 4-D output, (N, C, H, W), (N, L, D) or (N, F), got "
-            f"shape {tuple(x.shape)}; {_OVERRIDE_HINT}"
-        )
-    if layout == "sequence_first" or (layout == "auto" and _is_sequence_first(x, module, num_rows)):
-        x = x.transpose(0, 1)  # (L, N, ...) -> (N, L, ...)
+    if layout == "sequence_first":
+        x = x.transpose(0, 1) if x.dim() >= 2 else x  # (L, N, ...) -> (N, L, ...)
         notes.append("sequence-first -> batch-first")
         layout = "auto"
+    elif layout == "auto":
+        x, note = batch_first(x, module, num_rows)
+        notes += [note] if note else []
     if x.shape[0] != num_rows:
         raise LayoutError(
             f"expected the leading dim to be the probe size {num_rows} (one row per probe "
             f"input), got shape {tuple(x.shape)}; {_OVERRIDE_HINT}"
         )
-    reader = _auto_reader(x, module, model) if layout == "auto" else _READERS[layout]
-    act, note, read_as = reader(x, module, model)
+    if layout == "auto" and isinstance(reading, Measured) and x.dim() > 2:
+        act, note, read_as = _measured(x, reading)
+    else:
+        image_input = not isinstance(reading, Fallback) or reading.image_input
+        if layout != "auto":
+            reader = _READERS[layout]
+        else:
+            reader = _auto_reader(x, module, model, image_input)
+        act, note, read_as = reader(x, module, model)
+        if layout == "auto" and isinstance(reading, Fallback) and x.dim() > 2:
+            note = f"fallback ({reading.reason}): {note or read_as}"
     return Maps(act=act, note="; ".join([*notes, note] if note else notes), layout=read_as)
+
+
+def batch_first(x: Tensor, module: nn.Module, num_rows: int) -> tuple[Tensor, str]:
+    """``x`` with the batch first, and a note if it was transposed; LayoutError for bad shapes.
+
+    (L, N, D) outputs are transposed: the module says ``batch_first=False``, or only dim 1 is N.
+    """
+    if x.numel() == 0 or not 2 <= x.dim() <= 4:
+        raise LayoutError(
+            f"expected a non-empty 2-D to 4-D output, (N, C, H, W), (N, L, D) or (N, F), got "
+            f"shape {tuple(x.shape)}; {_OVERRIDE_HINT}"
+        )
+    if _is_sequence_first(x, module, num_rows):
+        return x.transpose(0, 1), "sequence-first -> batch-first"  # (L, N, ...) -> (N, L, ...)
+    return x, ""
 
 
 _OVERRIDE_HINT = (
@@ -206,7 +255,7 @@ _OVERRIDE_HINT = (
 # ----------------------------------------------------------------------------- finding the tensor
 
 
-def _first_tensor(output: object, depth: int = 0) -> tuple[Tensor, str]:
+def first_tensor(output: object, depth: int = 0) -> tuple[Tensor, str]:
     """The first tensor in ``output``, depth first, and where it was: ``"[0] of tuple"``."""
     found = _search(output, depth)
     if found is None:
@@ -259,7 +308,8 @@ def _is_sequence_first(x: Tensor, module: nn.Module, num_rows: int) -> bool:
     return x.shape[1] == num_rows and x.shape[0] != num_rows
 
 
-def _auto_reader(x: Tensor, module: nn.Module, model: nn.Module) -> _Reader:
+def _auto_reader(x: Tensor, module: nn.Module, model: nn.Module, image_input: bool) -> _Reader:
+    """The fallback rules: the output's shape and the kinds of the modules that made it."""
     if x.dim() == 2:
         return _features
     kinds = _kinds(module, model)
@@ -268,7 +318,9 @@ def _auto_reader(x: Tensor, module: nn.Module, model: nn.Module) -> _Reader:
     if isinstance(module, nn.modules.rnn.RNNBase):
         return _sequence
     # (N, C, L) needs 1-D layers: a Conv2d-made 3-D output is flattened patches (timm PatchEmbed)
-    return _nchw if _CF1 in kinds and _LAST not in kinds else _tokens_or_sequence
+    if _CF1 in kinds and _LAST not in kinds:
+        return _nchw
+    return _tokens_or_sequence if image_input else _sequence
 
 
 def _output_fmt(module: nn.Module) -> str:
@@ -382,6 +434,32 @@ def _is_pair(value: object) -> bool:
 
 
 # ------------------------------------------------------------------------------------ readers
+
+
+def _measured(x: Tensor, m: Measured) -> tuple[Tensor, str, str]:
+    """The reading measured on the model: channels, then the positions on the input."""
+    if tuple(x.shape[1:]) != m.shape:
+        raise LayoutError(
+            f"expected the shape the layout was measured for, (N, {', '.join(map(str, m.shape))})"
+            f", got {tuple(x.shape)}; {_OVERRIDE_HINT}"
+        )
+    n, d, length = x.shape[0], x.shape[m.channel], x.shape[m.cols]
+    rest = [i for i in range(1, x.dim()) if i not in (m.channel, m.rows, m.cols)]  # size 1
+    if m.tokens is not None:
+        k, h, w = m.tokens
+        seq = x.permute(0, m.cols, m.channel, *rest).reshape(n, length, d)  # (N, L, D)
+        act = seq[:, k:].unflatten(1, (h, w)).permute(0, 3, 1, 2)  # (N, D, h, w)
+        prefix = f" +{k} prefix" if k else ""
+        return act, f"measured: tokens {h}x{w}{prefix}, {d} channels", "tokens"
+    if m.rows is None:  # positions along one input axis: (N, C, 1, L)
+        act = x.permute(0, m.channel, *rest, m.cols).reshape(n, d, 1, length)
+        return act, f"measured: 1-D, {length} positions, {d} channels", "sequence"
+    act = x.permute(0, m.channel, m.rows, m.cols)  # (N, C, H, W)
+    if (m.channel, m.rows, m.cols) == (1, 2, 3):
+        return act, "measured: NCHW", "nchw"
+    if (m.rows, m.cols, m.channel) == (1, 2, 3):
+        return act, "measured: channels-last -> NCHW", "nhwc"
+    return act, f"measured: dims {(m.channel, m.rows, m.cols)} -> NCHW", "nchw"
 
 
 def _nchw(x: Tensor, module: nn.Module, model: nn.Module) -> tuple[Tensor, str, str]:

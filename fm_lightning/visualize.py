@@ -124,6 +124,7 @@ from fm_lightning.gallery import (
     write_index,
 )
 from fm_lightning.layouts import interpret
+from fm_lightning.probing import measure_layout, measure_layouts
 from fm_lightning.text import stamp
 
 EXAMPLES_BATCH = 500  # MNIST test images per forward pass of the --examples sweep
@@ -385,8 +386,10 @@ def cam_picture(
         ((key, module),) = found.items()
         name = next(n for n, m in model.named_modules() if m is module)
 
+        reading = measure_layout(model, module, x)
+
         def reshape(t: Tensor) -> Tensor:
-            return interpret(t, module=module, model=model, num_rows=len(x)).act
+            return interpret(t, module=module, model=model, num_rows=len(x), reading=reading).act
 
     result = class_activation_maps(model, x, method, layer=name, targets=targets, reshape=reshape)
     if layer is not None:  # named as the user named it (conv2, not net.conv2), as the callback does
@@ -753,7 +756,13 @@ def _draw(
         caption_of = captions.setdefault(variant, {})
         modules = resolve_layers(model, args.layers)
         captured, logits = capture(
-            model, x, modules, max_channels=args.max_channels, order=args.order, stats=False
+            model,
+            x,
+            modules,
+            max_channels=args.max_channels,
+            order=args.order,
+            readings=measure_layouts(model, x, modules),
+            stats=False,
         )
         folders = distinct_path_parts([*folders, *captured, *modules], RESERVED_NAMES)
         lines.append(f"{what[variant]} predicts: {_predictions(logits)}")

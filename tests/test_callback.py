@@ -196,7 +196,7 @@ def test_wandb_offline_run_holds_non_blank_images(tmp_path):
             pixels = np.asarray(metrics[tag].image.convert("RGB"))
             assert pixels.std() > 5, f"{tag} of epoch {epoch} looks blank"
         assert wandb.Image.all_captions([metrics["feature_maps/conv1"]]) == [
-            f"epoch {epoch}, step {step}, channels 0-15 of 16"
+            f"epoch {epoch}, step {step}, channels 0-15 of 16; measured: NCHW"
         ]
         assert isinstance(metrics["feature_stats/conv2/dead_channels_probe"], float)
     # the evolution GIFs arrive once, at the end of fit

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
+from measuring import on_grid as tokens_on_grid
 from torch import Tensor, nn
 
 from fm_lightning.layouts import LAYOUTS, LayoutError, Maps, check_layout, interpret
@@ -42,16 +43,6 @@ def read(model: nn.Module, name: str, output: object, num_rows: int, **kwargs) -
     return interpret(
         output, module=model.get_submodule(name), model=model, num_rows=num_rows, **kwargs
     )
-
-
-def tokens_on_grid(tokens: Tensor, k: int, h: int, w: int) -> Tensor:
-    """The expected drawing of (N, k + h*w, D) tokens, built index by index: (N, D, h, w)."""
-    n, _, d = tokens.shape
-    out = torch.empty(n, d, h, w)
-    for i in range(h):
-        for j in range(w):
-            out[:, :, i, j] = tokens[:, k + i * w + j]
-    return out
 
 
 # ------------------------------------------------------------------------------------- ViT

@@ -119,7 +119,7 @@ def test_vit_blocks_are_drawn_as_token_grids_with_every_channel(tmp_path, publis
         assert np.array_equal(png, expected[layer])
         caption = _caption(published, layer)
         assert "channels 0-47 of 48" in caption
-        assert "tokens 4x6 +1 prefix, 48 channels" in caption
+        assert "measured: tokens 4x6 +1 prefix, 48 channels" in caption
         tiles = _tiles(grids[layer], NUM_IMAGES, 48, 4, 6).reshape(NUM_IMAGES * 48, -1, 3)
         assert all(len(np.unique(t, axis=0)) > 1 for t in tiles)  # no flat tile: not blank
 
@@ -129,7 +129,8 @@ def test_vit_blocks_are_drawn_as_token_grids_with_every_channel(tmp_path, publis
 
 @pytest.mark.parametrize(
     ("conv_mlp", "note"),
-    [(False, "; channels-last -> NCHW"), (True, "")],  # Linear on (N, H, W, C), or 1x1 convs
+    # Linear on (N, H, W, C), or 1x1 convs
+    [(False, "; measured: channels-last -> NCHW"), (True, "; measured: NCHW")],
 )
 def test_convnext_block_norm_and_fc1_are_drawn_with_their_real_channel_counts(
     tmp_path, published, conv_mlp, note

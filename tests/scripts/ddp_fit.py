@@ -64,10 +64,12 @@ if __name__ == "__main__":
         enable_checkpointing=False,
     )
     model = ImageClassifier(SimpleCNN())
-    cam_passes = []  # forward passes of the model with gradients on in eval mode: CAM's
+    # Forward passes of the probe's 4 rows with gradients on in eval mode: CAM's (the layout
+    # measurement, once per fit on every rank, runs 1 and 6 rows).
+    cam_passes = []
 
     def count_cam_passes(module, args):
-        if torch.is_grad_enabled() and not module.training:
+        if torch.is_grad_enabled() and not module.training and len(args[0]) == 4:
             cam_passes.append(1)
 
     model.register_forward_pre_hook(count_cam_passes)

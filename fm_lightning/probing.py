@@ -1,0 +1,368 @@
+"""Where a layer's outputs sit on the model's input, measured from input gradients.
+
+    readings = measure_layouts(model, probe, {"blocks.3": model.blocks[3]})  # once per fit
+    readings["blocks.3"]    # Measured(shape=(197, 192), channel=2, cols=1, tokens=(1, 14, 14))
+    output = forward_to(model, layer, x)  # under gradients_on(model): a graph from x to output
+
+How a layout is measured. A few copies of the probe's first input go through the model up to the
+layer (eval mode, gradients on: batch statistics would mix the rows; attention does not), and one
+backward pass asks one question per row: the input gradient of a random mix of one part of the
+output. For each output dim two parts are asked about, its first and its last quarter. Along a
+spatial dim the input region they depend on moves across the input (the centroid of the
+gradient's magnitude moves by at least :data:`MIN_SHIFT` of the input's height or width); along
+the channel dim it does not (a quarter of the channels depends on the whole field). Each input
+axis is followed by the dim that moves furthest along it. A dim following the height of an
+image in an (N, L, D) output holds tokens, row by row: the last token's own region (a further
+row asks about the last element alone) is one cell of their grid, and the grid (h, w) is the
+tiling of the input whose last cell holds that region most sharply (densest inside, against its
+left and upper neighbours); the k = L - h * w tokens before the grid are prefix tokens (CLS,
+registers: no single region). A dim following one axis and no grid: a 1-D sequence. The input
+is the probe's first floating-point tensor: (N, C, H, W) and (N, H, W) are images, anything else
+a 1-D signal along its last dim.
+
+Outcomes: :class:`~fm_lightning.layouts.Measured`, or :class:`~fm_lightning.layouts.Fallback`
+with the reason the measurement cannot decide (no floating-point input, no gradient from the
+input, no dim or two dims following one axis, a forward that raised), read then by the
+fallback rules; None for (N, F) features. Nothing here changes the model: every submodule's
+mode and the autograd state come back, no ``.grad`` is touched, hooks are removed however the
+pass ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+
+from fm_lightning.capture import call_model, eval_mode, first_image, forward_hooks
+from fm_lightning.layouts import Fallback, LayoutError, Measured, batch_first, first_tensor
+
+__all__ = [
+    "MIN_SHIFT",
+    "Reading",
+    "forward_to",
+    "gradients_on",
+    "measure_layout",
+    "measure_layouts",
+]
+
+#: How far (as a fraction of the axis) the input region of an output dim's last quarter must lie
+#: beyond its first quarter's along an input axis for the dim to follow that axis. Measured
+#: (tests/test_layouts_models.py models): positions move 0.25 (MaxVit grid attention, 8 x 8) to
+#: 0.85 (resnet50 layer4); quarters of channels at most 0.06.
+MIN_SHIFT = 0.2
+# A token grid is accepted when its last cell is at least this much denser than its neighbours
+# (relative to the cell's own density).
+_MIN_CONTRAST = 0.25
+_SEED = 0
+_SLAB = 4  # a dim's first and last quarter are asked about
+
+
+class _Reached(Exception):
+    """Raised by forward_to's hook: the forward pass got as far as it needs."""
+
+
+@contextmanager
+def gradients_on(model: nn.Module) -> Iterator[None]:
+    """Gradients on (also inside ``torch.no_grad`` / ``inference_mode``), ``model`` in eval mode.
+
+    Eval mode, since batch statistics would spread one row's gradient over the others; every
+    submodule's own mode comes back afterwards.
+    """
+    with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
+        yield
+
+
+def forward_to(model: nn.Module, layer: nn.Module, inputs: Any, call: int = 1) -> object:
+    """What ``layer`` returns in its ``call``-th call when ``model`` is called on ``inputs``.
+
+    The rest of the forward pass is not run. Run it under :func:`gradients_on` with ``inputs``
+    requiring gradients to get a graph from the input to the output. Raises ValueError if
+    ``layer`` does not run that often.
+    """
+    captured: list[object] = []
+
+    def hook(module: nn.Module, args: Any, output: object) -> None:
+        captured.append(output)
+        if len(captured) == call:
+            raise _Reached
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.compiler.set_stance("force_eager"):  # compiled code would skip the hook
+            call_model(model, inputs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if len(captured) < call:
+        raise ValueError(f"expected the layer to run {call} time(s), got {len(captured)}")
+    return captured[call - 1]
+
+
+Reading = Measured | Fallback | None
+
+
+def measure_layouts(
+    model: nn.Module,
+    probe: Any,
+    modules: Mapping[str, nn.Module],
+    known: Mapping[str, Reading] | None = None,
+) -> dict[str, Reading]:
+    """:func:`measure_layout` of every call of ``modules`` not in ``known``, keyed as
+    :func:`fm_lightning.capture.forward_hooks` names them (``pool``, ``pool@2``).
+
+    One forward pass of one probe row, without gradients, finds which modules run how often.
+    """
+    calls: dict[str, tuple[str, int]] = {}
+
+    def record(key: str, module: nn.Module, output: object) -> None:
+        name, _, call = key.partition("@")
+        calls[key] = (name, int(call or 1))
+
+    one_row = apply_to_collection(probe, Tensor, lambda t: t[:1].clone())
+    with eval_mode(model), forward_hooks(modules, record), torch.no_grad():
+        with torch.compiler.set_stance("force_eager"):
+            call_model(model, one_row)
+    return {
+        key: measure_layout(model, modules[name], probe, call)
+        for key, (name, call) in calls.items()
+        if key not in (known or {})
+    }
+
+
+def measure_layout(model: nn.Module, layer: nn.Module, probe: Any, call: int = 1) -> Reading:
+    """How ``layer``'s output is laid out on ``model``'s input, measured on ``probe``.
+
+    Args:
+        model: The model (unwrapped) whose forward takes ``probe``.
+        layer: A submodule of ``model``.
+        probe: The probe as the model takes it (Tensor, tuple or dict of (N, ...) tensors).
+        call: Which call of ``layer`` in one forward pass (a shared pool runs twice).
+
+    Returns:
+        :class:`Measured`; :class:`Fallback` saying why the measurement cannot decide (a
+        forward that raises gives one too: it never raises); None for (N, F) features.
+    """
+    found = _differentiable_input(probe)
+    if found is None:
+        return Fallback("no floating-point input to take gradients from", image_input=False)
+    x, axes = found
+    try:
+        return _measure(model, layer, probe, x, axes, call)
+    except _Undecided as err:
+        return Fallback(str(err), image_input=len(axes) == 2)
+    except Exception as err:  # the model's own forward failed on these rows: never fatal
+        return Fallback(f"{type(err).__name__}: {err}", image_input=len(axes) == 2)
+
+
+class _Undecided(Exception):
+    """The measurement ran but cannot decide the layout; the message says why."""
+
+
+def _differentiable_input(probe: Any) -> tuple[Tensor, tuple[int, ...]] | None:
+    """The probe's first floating-point tensor and its positional axes (dims after N)."""
+    found: list[Tensor] = []
+    apply_to_collection(probe, Tensor, found.append)
+    x = next((t for t in found if t.is_floating_point() and t.dim() >= 2 and t.numel()), None)
+    if x is None:
+        return None
+    if first_image(x) is not None:  # (N, C, H, W), or (N, H, W) of a grey image
+        return x, (x.dim() - 2, x.dim() - 1)
+    return x, (x.dim() - 1,)  # a 1-D signal: (N, T), (N, C, T)
+
+
+def _measure(
+    model: nn.Module, layer: nn.Module, probe: Any, x: Tensor, axes: tuple[int, ...], call: int
+) -> Measured | None:
+    # Probe the shape once with one row, then ask one question per output dim, one row each.
+    with gradients_on(model):
+        with torch.no_grad():  # the shape of one row only
+            y = _output(model, layer, probe, x, 1, call)
+        if y is None:
+            return None  # (N, F) features, or a shape never drawn: nothing to place
+        dims = [d for d in range(1, y.dim()) if y.shape[d] > 1]
+        if not dims:
+            raise _Undecided("the output has no dim longer than 1")
+        # Two rows per dim: the input regions of its first and of its last quarter (a quarter of
+        # the channels averages out what single channels prefer); for tokens of an image, one
+        # more: the region of the last position alone (the last element), a cell of their grid.
+        questions = []
+        for d in dims:
+            span = max(1, y.shape[d] // _SLAB)
+            questions += [(slice(0, span),), (slice(y.shape[d] - span, None),)]
+            questions[-2:] = [(slice(None),) * (d - 1) + q for q in questions[-2:]]
+        if y.dim() == 3 and len(axes) == 2:
+            questions.append((-1, -1))
+        xs, y = _output(model, layer, probe, x, len(questions), call, keep_input=True)
+        if not y.requires_grad:  # detached, computed under no_grad, or from integer ids only
+            raise _Undecided("no gradient from the input reaches the output")
+        gen = torch.Generator(device=y.device).manual_seed(_SEED)
+        cotangent = torch.zeros_like(y)
+        for row, where in enumerate(questions):  # a random mix of the asked part of the output
+            piece = cotangent[row][where]
+            noise = torch.randn(piece.shape, generator=gen, device=y.device, dtype=y.dtype)
+            cotangent[row][where] = noise
+        (grad,) = torch.autograd.grad(y, xs, cotangent, allow_unused=True)
+    if grad is None or not grad.any():
+        raise _Undecided("no gradient from the input reaches the output")
+    # (rows, *positions): |gradient| summed over the input's non-positional dims
+    other = [d for d in range(1, grad.dim()) if d not in axes]
+    mass = grad.detach().float().abs().sum(dim=other) if other else grad.detach().float().abs()
+    follows = _follows(mass, dims)
+    return _reading(y.shape[1:], dims, follows, mass, image=len(axes) == 2)
+
+
+def _output(
+    model: nn.Module,
+    layer: nn.Module,
+    probe: Any,
+    x: Tensor,
+    rows: int,
+    call: int,
+    keep_input: bool = False,
+):
+    """The layer's batch-first first tensor for ``rows`` copies of the probe's first input.
+
+    None when it is not 3-D or 4-D: (N, F) features, or a shape that is never drawn.
+    """
+
+    def first_rows(t: Tensor) -> Tensor:
+        return t[:1].expand(rows, *t.shape[1:]).clone()
+
+    xs = first_rows(x).requires_grad_(True)
+    inputs = apply_to_collection(probe, Tensor, lambda t: xs if t is x else first_rows(t))
+    output = forward_to(model, layer, inputs, call)
+    try:
+        y, _ = first_tensor(output)
+    except LayoutError as err:
+        raise _Undecided(str(err)) from None
+    if not 3 <= y.dim() <= 4:
+        return None
+    y, _ = batch_first(y, layer, rows)
+    if y.shape[0] != rows:
+        raise _Undecided(f"expected the output's leading dim to be the batch, got {tuple(y.shape)}")
+    return (xs, y) if keep_input else y
+
+
+def _follows(mass: Tensor, dims: list[int]) -> dict[int, set[int]]:
+    """{output dim: the input axes (0: first positional axis, ...) along which it moves}.
+
+    ``mass``: (rows, *positions), rows 2i and 2i + 1 the input regions of dims[i]'s first and
+    last quarter. Each axis is followed by the dim whose region moves furthest along it, if that
+    is at least MIN_SHIFT. A quarter without any gradient (dead channels) places nothing.
+    """
+    total = mass.flatten(1).sum(1)  # (rows,)
+    follows: dict[int, set[int]] = {d: set() for d in dims}
+    for axis in range(1, mass.dim()):
+        other = [a for a in range(1, mass.dim()) if a != axis]
+        profile = mass.sum(dim=other) if other else mass  # (rows, n)
+        n = profile.shape[1]
+        where = torch.arange(n, dtype=profile.dtype, device=profile.device) / max(n - 1, 1)
+        centroid = (profile * where).sum(1) / total.clamp_min(1e-30)  # (rows,) in [0, 1]
+        moved = [
+            float(centroid[2 * i + 1] - centroid[2 * i]) if total[2 * i : 2 * i + 2].all() else 0.0
+            for i in range(len(dims))
+        ]
+        best = max(range(len(dims)), key=moved.__getitem__)  # one dim per axis: the one moving most
+        if moved[best] >= MIN_SHIFT:
+            follows[dims[best]].add(axis - 1)
+    return follows
+
+
+def _reading(
+    shape: torch.Size,
+    dims: list[int],
+    follows: dict[int, set[int]],
+    mass: Tensor,
+    image: bool,
+) -> Measured:
+    """The Measured reading of a batch-first output (``shape`` without N) from the dims' axes."""
+    spatial = [d for d in dims if follows[d]]
+    channels = [d for d in dims if not follows[d]]
+    ones = [d for d in range(1, len(shape) + 1) if d not in dims]
+    if not channels and len(ones) == 1:  # one channel: (N, 1, H, W) grey maps
+        channels = ones
+    found = ", ".join(f"dim {d}: {sorted(follows[d]) or 'none'}" for d in dims)
+    if len(channels) != 1:
+        raise _Undecided(
+            f"expected one output dim not following the input (channels), got {len(channels)} "
+            f"(input axes followed per dim: {found})"
+        )
+    (channel,) = channels
+    if not spatial:  # a global pool, (N, C, 1, 1): its positions are the dims of size 1
+        ones = [d for d in ones if d != channel]
+        if len(ones) == 2:
+            return Measured(shape=tuple(shape), channel=channel, rows=ones[0], cols=ones[1])
+        return Measured(shape=tuple(shape), channel=channel, rows=None, cols=ones[0])
+    both = [d for d in spatial if len(follows[d]) == 2]
+    if both:
+        raise _Undecided(f"expected one output dim per input axis, got {found}")
+    if image and len(spatial) == 1 and len(shape) == 2:
+        # (N, L, D) along one axis of an image: tokens, row by row, if the last token's region
+        # is one cell of a grid (its last element's region, asked about last); else 1-D.
+        (dim,) = spatial
+        grid = _token_grid(mass[-1], shape[dim - 1])
+        if grid is not None:
+            return Measured(shape=tuple(shape), channel=channel, rows=None, cols=dim, tokens=grid)
+    by_axis: dict[int, int] = {}
+    for d in spatial:
+        (axis,) = follows[d]
+        if axis in by_axis:
+            raise _Undecided(f"expected one output dim per input axis, got {found}")
+        by_axis[axis] = d
+    if not image or len(by_axis) == 1:  # 1-D: positions along one axis
+        (dim,) = by_axis.values()
+        return Measured(shape=tuple(shape), channel=channel, rows=None, cols=dim, tokens=None)
+    return Measured(shape=tuple(shape), channel=channel, rows=by_axis[0], cols=by_axis[1])
+
+
+def _token_grid(mass: Tensor, length: int) -> tuple[int, int, int] | None:
+    """(k, h, w): the tiling of the input whose last cell holds the last token's region.
+
+    ``mass``: (H, W) |gradient| of the last token. Every (h, w) with h * w <= length is tried;
+    a cell's score is its mean density minus the larger of its left and upper neighbours'. None
+    when no cell stands out, or the best grid is one row or column (a 1-D sequence).
+    """
+    height, width = mass.shape
+    total = mass.double().cumsum(0).cumsum(1)
+    integral = torch.nn.functional.pad(total, (1, 0, 1, 0))  # (H + 1, W + 1)
+
+    def mass_below(y: Tensor, x: Tensor) -> Tensor:
+        """Mass of [0, y) x [0, x) at fractional y, x: a pixel counts by the area covered."""
+        y0, x0 = y.floor().long().clamp(0, height - 1), x.floor().long().clamp(0, width - 1)
+        fy, fx = y - y0, x - x0
+        top = integral[y0, x0] * (1 - fx) + integral[y0, x0 + 1] * fx
+        bottom = integral[y0 + 1, x0] * (1 - fx) + integral[y0 + 1, x0 + 1] * fx
+        return top * (1 - fy) + bottom * fy
+
+    def density(top: Tensor, bottom: Tensor, left: Tensor, right: Tensor) -> Tensor:
+        s = mass_below(bottom, right) - mass_below(top, right) - mass_below(bottom, left)
+        return (s + mass_below(top, left)) / ((bottom - top) * (right - left))
+
+    hs, ws = [], []
+    for h in range(1, min(height, length) + 1):
+        for w in range(max(1, (length + 1) // 2 // h), min(width, length // h) + 1):
+            hs.append(h)
+            ws.append(w)
+    if not hs:
+        return None
+    h, w = torch.tensor(hs, dtype=torch.float64), torch.tensor(ws, dtype=torch.float64)
+    # The last cell spans [H - H/h, H) x [W - W/w, W) (fractions of pixels count by area); its
+    # left and upper neighbours are one cell over.
+    cell_h, cell_w = height / h, width / w
+    bottom, right = torch.full_like(h, float(height)), torch.full_like(w, float(width))
+    top, left = bottom - cell_h, right - cell_w
+    inside = density(top, bottom, left, right)
+    left_cell = torch.where(w > 1, density(top, bottom, (left - cell_w).clamp_min(0), left), 0)
+    upper_cell = torch.where(h > 1, density((top - cell_h).clamp_min(0), top, left, right), 0)
+    score = inside - torch.maximum(left_cell, upper_cell)
+    best = int(score.argmax())
+    h_best, w_best = int(h[best]), int(w[best])
+    if score[best] < _MIN_CONTRAST * inside[best] or min(h_best, w_best) == 1:
+        return None
+    return length - h_best * w_best, h_best, w_best
