@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, tiny_trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN, data
+from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN, mnist
 from fm_lightning.cli import FMLightningCLI, RunConfigCallback, main
 from fm_lightning.visualize import main as visualize
 
@@ -185,7 +185,7 @@ def test_a_malformed_value_is_one_line(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPU")
 def test_gpu_config_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "SOURCES", ())  # nothing downloads, whatever happens
+    monkeypatch.setattr(mnist, "SOURCES", ())  # nothing downloads, whatever happens
     with pytest.raises(SystemExit) as exit_:
         main(["--config", str(REPO / "configs" / "gpu.yaml")])
     assert exit_.value.code == 2

@@ -612,8 +612,8 @@ def test_gallery_captions_every_picture_and_says_what_its_steps_are(ckpt, digits
     assert [s["label"] for s in manifest["steps"]] == ["untrained", "trained"]
     rows = {row["name"]: row for row in manifest["layers"]}
     assert rows["conv1"]["caption"] == [
-        "untrained (seed 0): channels 0-15 of 16",
-        "trained (model.ckpt): channels 0-15 of 16",
+        "untrained (seed 0): channels 0-15 of 16; measured: NCHW",
+        "trained (model.ckpt): channels 0-15 of 16; measured: NCHW",
     ]
     untrained, trained = rows["cam"]["caption"]
     assert untrained.startswith("untrained (seed 0): GradCAM on relu2; columns: input, predicted")
