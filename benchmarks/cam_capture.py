@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 
 from fm_lightning import FeatureMapCallback, ImageClassifier, MNISTDataModule, SimpleCNN
-from fm_lightning.cam import CAM_METHODS, cam_caption, cam_grid, class_activation_maps
+from fm_lightning.cam import CAM_METHODS, class_activation_maps
 from fm_lightning.files import save_png, to_png_bytes
+from fm_lightning.pictures.cam import cam_caption, cam_grid
 
 TARGET_S = 0.100
 PROBE = 8

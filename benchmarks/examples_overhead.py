@@ -46,10 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import fm_lightning.callbacks
-import fm_lightning.examples
+import fm_lightning.pictures.examples
+import fm_lightning.receptive_field
 from fm_lightning import FeatureMapCallback, ImageClassifier, MNISTDataModule, SimpleCNN
-from fm_lightning.examples import ExampleStream, TopKExamples
+from fm_lightning.pictures.examples import ExampleStream
+from fm_lightning.topk import TopKExamples
 
 # -----------------------------------------------------------------------------
 # config
@@ -130,9 +131,9 @@ def _timed(owner, name: str, part: str) -> None:
 PARTS = {
     "hook: maps": (ExampleStream, "_maps"),
     "hook: TopKExamples.update": (TopKExamples, "update"),
-    "receptive_field": (fm_lightning.examples, "receptive_field"),
+    "receptive_field": (fm_lightning.pictures.examples, "receptive_field"),
     "merge": (TopKExamples, "merge"),
-    "examples_grid": (fm_lightning.callbacks, "examples_grid"),
+    "examples_grid": (fm_lightning.pictures.examples, "examples_grid"),
 }
 for _part, (_owner, _name) in PARTS.items():
     _timed(_owner, _name, _part)
@@ -245,7 +246,7 @@ def bound(layer_bytes: dict[str, int]) -> dict[str, int]:
     for layer in layer_bytes:
         model = new_model().net
         x = dm.val_set.images[:4].float()
-        rf = fm_lightning.examples.receptive_field(model, getattr(model, layer), x)
+        rf = fm_lightning.receptive_field.receptive_field(model, getattr(model, layer), x)
         channels = getattr(model, layer).out_channels
         drawn = min(channels, 32)  # max_channels, the callback's default
         per_slot = 1 * rf.height * rf.width * 4 + rf.height * rf.width * 4 + 4 + 8 + 2 * 8

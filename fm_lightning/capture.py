@@ -36,6 +36,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from fm_lightning import layouts, rendering
+from fm_lightning.rendering import describe
 
 #: Most modules one pattern may select.
 MAX_MATCHES = 64
@@ -133,6 +134,81 @@ def _narrower(pattern: str) -> str:
 # ----------------------------------------------------------------------------- probe inputs
 # A probe is what the model is called with: a Tensor (model(x)), a tuple (model(*x)) or a dict
 # (model(**x)), every tensor in it holding the same N rows.
+
+
+# Keys tried, in order, when a batch is a dict and no input_key/input_fn was given.
+DICT_INPUT_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
+DICT_TARGET_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+@dataclass(frozen=True)
+class BatchReader:
+    """Where the model input and the true classes are in a batch of a validation dataloader.
+
+    ``input_key``: a dict key or tuple index; ``input_fn``: ``batch -> model input`` (a Tensor,
+    a tuple for ``model(*x)`` or a dict for ``model(**x)``); neither: the batch itself, its
+    first element, or a usual dict key (:data:`DICT_INPUT_KEYS`). ``target_fn``: ``batch ->
+    (N,) classes``; default the second element of an ``(x, y)`` batch or a usual dict key.
+    """
+
+    input_key: str | int | None = None
+    input_fn: Callable[[Any], Any] | None = None
+    target_fn: Callable[[Any], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_key is not None and self.input_fn is not None:
+            raise ValueError("expected at most one of `input_key` and `input_fn`, got both")
+        for arg in ("input_fn", "target_fn"):
+            fn = getattr(self, arg)
+            if fn is not None and not callable(fn):
+                raise ValueError(f"expected `{arg}` to be callable, got {type(fn).__name__}")
+
+    def inputs(self, batch: Any) -> Any:
+        """The model input of ``batch``; a TypeError or KeyError naming the fix otherwise."""
+        if self.input_fn is not None:
+            x = self.input_fn(batch)
+        elif self.input_key is not None:
+            x = batch[self.input_key]
+        elif isinstance(batch, Tensor):
+            x = batch
+        elif isinstance(batch, (tuple, list)) and batch:
+            x = batch[0]
+        elif isinstance(batch, Mapping):
+            key = next((k for k in DICT_INPUT_KEYS if k in batch), None)
+            if key is None:
+                raise KeyError(
+                    f"expected the batch dict to hold one of {DICT_INPUT_KEYS}, got keys "
+                    f"{list(batch)}; pass FeatureMapCallback(input_key=...) or input_fn=..."
+                )
+            x = batch[key]
+        else:
+            raise TypeError(
+                "expected a batch that is a Tensor, tuple, list or dict, got "
+                f"{type(batch).__name__}; pass FeatureMapCallback(input_fn=...) to pick the input"
+            )
+        if not isinstance(x, (Tensor, tuple, list, Mapping)):
+            raise TypeError(
+                f"expected the model input to be a Tensor, tuple or dict, got {describe(x)}"
+            )
+        num_rows(x)  # raises for inputs without a common batch size
+        return x
+
+    def targets(self, batch: Any, n: int) -> Tensor | None:
+        """(n,) integer classes of a batch, for the CAM's true-class maps; None without them."""
+        if self.target_fn is not None:
+            y = self.target_fn(batch)
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            y = batch[1]
+        elif isinstance(batch, Mapping):
+            y = next((batch[k] for k in DICT_TARGET_KEYS if k in batch), None)
+        else:
+            y = None
+        is_classes = isinstance(y, Tensor) and y.shape == (n,) and not y.is_floating_point()
+        if self.target_fn is not None and not is_classes:
+            raise TypeError(
+                f"expected target_fn to return ({n},) integer classes, got {describe(y)}"
+            )
+        return y.detach() if is_classes else None
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

@@ -105,7 +105,7 @@ def append_stats(
         captions: optional text shown under this epoch's images, keyed by what they caption:
             ``"<layer>"`` (its maps), ``"<layer>/examples"``, ``"cam"``.
         dead: optional ``{layer: {channel: epoch it has been dead since}}`` for this epoch
-            (e.g. :attr:`fm_lightning.examples.DeadChannels.since`); an empty dict records
+            (e.g. :attr:`fm_lightning.pictures.examples.DeadChannels.since`); an empty dict records
             that no channel is dead.
 
     Returns:

@@ -35,9 +35,11 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import (
     CometLogger,
     CSVLogger,
@@ -46,20 +48,12 @@ from lightning.pytorch.loggers import (
     TensorBoardLogger,
     WandbLogger,
 )
-from torch import Tensor
 
 from fm_lightning import gallery
 from fm_lightning.files import save_png
+from fm_lightning.pictures import Picture
 
 OnError = Callable[[str, Exception], None]
-
-
-@dataclass(frozen=True)
-class Picture:
-    tag: str  # logger key, e.g. "feature_maps/conv1", "probe_inputs"
-    path: str  # under the local directory, e.g. "conv1/epoch=003.png"
-    image: Tensor  # (H, W, 3) uint8
-    caption: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,8 +92,7 @@ def publish(
     if local is None:
         return
     try:
-        for pic in pictures:
-            save_png(pic.image, os.path.join(local.root, pic.path))
+        save_pictures(local.root, pictures)
         # The gallery pairs a caption with the folder its picture is in: conv1, conv1/examples, cam.
         captions = {os.path.dirname(p.path): p.caption for p in pictures if os.path.dirname(p.path)}
         gallery.append_stats(
@@ -113,6 +106,11 @@ def publish(
         gallery.write_index(local.root, title=local.title)
     except Exception as err:
         on_error("files", err)
+
+
+def save_pictures(root: str | os.PathLike, pictures: Sequence[Picture]) -> list[Path]:
+    """Each picture as a PNG at its path under ``root`` (atomically); returns the paths."""
+    return [save_png(pic.image, os.path.join(root, pic.path)) for pic in pictures]
 
 
 def without_pictures(loggers: Sequence[Logger]) -> list[Logger]:
@@ -218,3 +216,15 @@ _SENDERS: dict[type, Callable[[Any, Sequence[Picture], int], None]] = {
     MLFlowLogger: _log_mlflow,
     CometLogger: _log_comet,
 }
+
+
+def default_local_dir(trainer: Trainer, folder: str) -> str:
+    """``<save_dir>/<name>/<version>/<folder>``: beside the checkpoints, as ModelCheckpoint
+    places them, so every run (W&B ones included) gets its own directory."""
+    if not trainer.loggers:
+        return os.path.join(trainer.default_root_dir, folder)
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    save_dir = logger.save_dir or trainer.default_root_dir
+    # Every rank calls setup(); rank zero's answer wins (other ranks may not know the version).
+    return trainer.strategy.broadcast(os.path.join(save_dir, str(logger.name), version, folder))

@@ -406,6 +406,11 @@ def activation_stats(act: Tensor) -> dict[str, float]:
     return dict(zip(("mean", "std", "frac_zero", "dead_channels_probe"), values, strict=True))
 
 
+def describe(x: object) -> str:
+    """What ``x`` is, for "expected X, got Y" errors: ``shape (N, C)`` or its type's name."""
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
 def check_tensor(x: object, name: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"expected {name} to be a Tensor, got {type(x).__name__}")

@@ -13,12 +13,13 @@
 Everything is drawn exactly as ``FeatureMapCallback`` draws it during training: the grids by
 ``fm_lightning.capture`` and ``fm_lightning.rendering`` (rows are input images, columns
 channels) for the layers named by ``--layers`` (names or glob patterns, as the callback takes
-them); with ``--examples K`` each drawn channel's top K inputs of the MNIST test set, cropped to
-its receptive field (``fm_lightning.examples``, as ``examples=K`` does over validation; dead
-channels, never above 0 on the test set, are marked); with ``--cam METHOD`` class-activation
-overlays of the inputs (``fm_lightning.cam``, torchcam), for the predicted class and, for
-``--mnist-index`` inputs, the true class, at ``--cam-layer`` (a layer name or pattern matching
-one module; default the run's ``cam_layer``, else torchcam's choice).
+them); with ``--examples K`` each drawn channel's top K inputs of the MNIST test set, cropped
+to its receptive field (``fm_lightning.pictures.examples``, as ``examples=K`` does over
+validation; dead channels, never above 0 on the test set, are marked); with ``--cam METHOD``
+class-activation overlays of the inputs (``fm_lightning.pictures.cam``, torchcam), for the
+predicted class and, for ``--mnist-index`` inputs, the true class, at ``--cam-layer`` (a layer
+name or pattern matching one module; default the run's ``cam_layer``, else torchcam's choice).
+Each picture and its caption come from the same code the callback draws with.
 
 The network, read and rebuilt by ``fm_lightning.checkpoints``. A checkpoint written by ``python
 train.py`` sits in ``checkpoints/`` of its run directory, beside the ``config.yaml`` LightningCLI
@@ -78,7 +79,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -86,21 +86,13 @@ from typing import NoReturn
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from fm_lightning import rendering
-from fm_lightning.cam import (
-    CAM_METHODS,
-    cam_caption,
-    cam_grid,
-    check_cam_method,
-    class_activation_maps,
-)
+from fm_lightning.cam import CAM_METHODS, check_cam_method
 from fm_lightning.capture import capture, eval_mode, resolve_layers
 from fm_lightning.checkpoints import (
     CONFIG_FILE,
-    IMAGE_SIZE,
     CheckpointError,
     RunConfig,
     check_takes_mnist,
@@ -111,9 +103,8 @@ from fm_lightning.checkpoints import (
     read_config,
     untrained_model,
 )
-from fm_lightning.data import MNIST_MEAN, MNIST_STD, MNISTDataModule, load_mnist
-from fm_lightning.examples import MAX_EXAMPLES, ExamplesResult, ExampleStream, examples_grid
-from fm_lightning.files import distinct_path_parts, save_png
+from fm_lightning.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
+from fm_lightning.files import distinct_path_parts
 from fm_lightning.gallery import (
     CAM_DIR,
     EXAMPLES_DIR,
@@ -123,183 +114,26 @@ from fm_lightning.gallery import (
     load_stats,
     write_index,
 )
-from fm_lightning.layouts import interpret
+from fm_lightning.pictures import Picture
+from fm_lightning.pictures.cam import cam_picture
+from fm_lightning.pictures.examples import ExampleStream, examples_caption, examples_grid
+from fm_lightning.pictures.maps import MapsKind, maps_caption
 from fm_lightning.probing import measure_layout, measure_layouts
+from fm_lightning.publishing import save_pictures
 from fm_lightning.text import stamp
+from fm_lightning.topk import MAX_EXAMPLES, ExamplesResult
+from fm_lightning.visualize_inputs import (
+    VisualizeError,
+    load_image,
+    load_mnist_test,
+    mnist_test_set,
+    note,
+)
 
 EXAMPLES_BATCH = 500  # MNIST test images per forward pass of the --examples sweep
 MAX_CHANNELS = 1024  # --max-channels: columns of a grid
 MAX_SEED = 2**32 - 1  # --seed
 _LABEL_PX = 14  # the labels of --compare's panels
-
-
-class VisualizeError(Exception):
-    """A problem with the user's input (an image, MNIST index, layer, CAM or --out; the network's
-    are :class:`~fm_lightning.checkpoints.CheckpointError`): printed as ``error: ...``, exit 2."""
-
-
-def _note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
-
-
-# -----------------------------------------------------------------------------
-# Inputs
-
-
-def load_image(
-    path: str | os.PathLike,
-    resize: bool = False,
-    invert: bool = False,
-    note: Callable[[str], None] = _note,
-) -> np.ndarray:
-    """Reads one image as the 28x28 uint8 grayscale array the networks take (as MNIST).
-
-    Conversions are reported through ``note``; what cannot be converted raises.
-
-    Args:
-        path: any file Pillow can read.
-        resize: scale an image of another size to fit 28x28 (aspect kept, padded with its border
-            colour) instead of refusing it.
-        invert: ``255 - pixel``, for dark digits on a light background.
-        note: called with a message for every conversion made.
-
-    Returns:
-        (28, 28) uint8 array.
-
-    Raises:
-        VisualizeError: unreadable file, unconvertible colour mode, or wrong size without resize.
-    """
-    path = Path(path)
-    name = str(path)
-    if not path.exists():
-        raise VisualizeError(f"cannot read image {name}: no such file")
-    if path.is_dir():
-        raise VisualizeError(f"cannot read image {name}: it is a directory")
-    try:
-        with Image.open(path) as img:
-            frames = getattr(img, "n_frames", 1)
-            if frames > 1:
-                note(f"{name} has {frames} frames; using the first")
-            img.load()
-            pixels = _to_gray(img, name, note)
-    except UnidentifiedImageError:
-        raise VisualizeError(
-            f"cannot read image {name}: not an image format Pillow recognises"
-        ) from None
-    except Image.DecompressionBombError as err:
-        raise VisualizeError(f"cannot read image {name}: refused as too large ({err})") from None
-    except OSError as err:
-        if err.strerror:  # the file system's answer: permission denied, ...
-            raise VisualizeError(f"cannot read image {name}: {err.strerror}") from None
-        raise VisualizeError(
-            f"cannot read image {name}: its data is corrupt or truncated ({err})"
-        ) from None
-    if invert:
-        pixels = 255 - pixels
-    border = int(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
-    if not invert and border > 160:
-        note(
-            f"{name} looks like a dark digit on a light background (border colour {border}); "
-            "MNIST digits are light on black, so you may want --invert"
-        )
-    h, w = pixels.shape
-    if (h, w) == (IMAGE_SIZE, IMAGE_SIZE):
-        return pixels
-    if not resize:
-        raise VisualizeError(
-            f"image {name} is {w}x{h} pixels, but the network takes {IMAGE_SIZE}x{IMAGE_SIZE} "
-            "(MNIST-sized) images, so it was refused. Pass --resize to scale it to fit "
-            f"{IMAGE_SIZE}x{IMAGE_SIZE} (aspect ratio kept, padded with its border colour), "
-            "or resize it yourself."
-        )
-    scale = IMAGE_SIZE / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    small = Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.LANCZOS)
-    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), border)
-    canvas.paste(small, ((IMAGE_SIZE - new_w) // 2, (IMAGE_SIZE - new_h) // 2))
-    padded = f" and padded to {IMAGE_SIZE}x{IMAGE_SIZE} with its border colour ({border})"
-    note(
-        f"{name} is {w}x{h}; resized to {new_w}x{new_h} (aspect kept, antialiased)"
-        f"{padded if (new_w, new_h) != (IMAGE_SIZE, IMAGE_SIZE) else ''}"
-    )
-    return np.asarray(canvas, dtype=np.uint8).copy()
-
-
-def _to_gray(img: Image.Image, name: str, note: Callable[[str], None]) -> np.ndarray:
-    """Any Pillow mode -> (H, W) uint8 grayscale, saying what was done."""
-    mode = img.mode
-    if mode == "L":
-        return np.asarray(img, dtype=np.uint8).copy()
-    if mode.startswith("I;16"):
-        values = np.asarray(img).astype(np.float64) / 257  # 0..65535 -> 0..255
-        note(f"{name} is 16-bit grayscale ({mode}); scaled to 8-bit grayscale (L)")
-        return np.rint(values).astype(np.uint8)
-    if mode in ("I", "F"):
-        values = np.asarray(img).astype(np.float64)
-        lo, hi = float(values.min()), float(values.max())
-        if lo >= 0 and hi <= 255:
-            note(f"{name} is {mode} (32-bit) with values in 0-255; converted to grayscale (L)")
-            return np.rint(values).astype(np.uint8)
-        note(f"{name} is {mode} (32-bit); rescaled from [{lo:g}, {hi:g}] to grayscale (L) 0-255")
-        return np.rint((values - lo) / ((hi - lo) or 1.0) * 255).astype(np.uint8)
-    has_alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info)
-    try:
-        if has_alpha:
-            rgba = img.convert("RGBA")
-            transparent = rgba.getextrema()[3][0] < 255
-            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            gray = Image.alpha_composite(black, rgba).convert("L")
-        else:
-            transparent = False
-            gray = img.convert("L")
-    except (ValueError, OSError) as err:
-        raise VisualizeError(
-            f"image {name} has colour mode {mode}, which cannot be converted to grayscale "
-            f"({err}), so it was refused. Save it as grayscale (L) or RGB, e.g. a PNG."
-        ) from None
-    flattened = (
-        "; transparent pixels drawn on black (MNIST's background), then" if transparent else ";"
-    )
-    kind = {"1": "1 (1-bit)", "P": "P (palette)", "PA": "PA (palette)"}.get(mode, mode)
-    note(f"{name} is {kind}{flattened} converted to grayscale (L)")
-    return np.asarray(gray, dtype=np.uint8).copy()
-
-
-def mnist_test_set(data_dir: str) -> tuple[Tensor, Tensor]:
-    """The official MNIST test set (fetched into ``data_dir`` if absent).
-
-    Returns:
-        ``((10000, 1, 28, 28) uint8, (10000,) int64 labels)``.
-
-    Raises:
-        VisualizeError: MNIST cannot be had.
-    """
-    dm = MNISTDataModule(data_dir)
-    try:
-        dm.prepare_data()
-        return load_mnist(dm.raw_dir, "test")
-    except Exception as err:  # unavailable, corrupt: data.py's messages say what to do
-        raise VisualizeError(f"cannot load the MNIST test set: {err}") from None
-
-
-def load_mnist_test(data_dir: str, indices: Sequence[int]) -> tuple[Tensor, list[int]]:
-    """Images ``indices`` of the official MNIST test set (fetched into ``data_dir`` if absent).
-
-    Returns:
-        ``((N, 1, 28, 28) uint8, labels)``.
-
-    Raises:
-        VisualizeError: MNIST cannot be had, or an index is out of range.
-    """
-    images, labels = mnist_test_set(data_dir)
-    bad = [i for i in indices if not 0 <= i < len(images)]
-    if bad:
-        raise VisualizeError(
-            f"--mnist-index {', '.join(map(str, bad))} out of range: the MNIST test set has "
-            f"{len(images):,} images, indices 0 to {len(images) - 1}"
-        )
-    index = torch.as_tensor(list(indices), dtype=torch.long)
-    return images[index], labels[index].tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -332,8 +166,8 @@ def top_examples(
     batch_size: int = EXAMPLES_BATCH,
 ) -> tuple[dict[str, ExamplesResult], dict[str, str]]:
     """Each drawn channel's top-k of ``images``, streamed as FeatureMapCallback streams a
-    validation run (:class:`fm_lightning.examples.ExampleStream`: the same hooks, receptive
-    fields measured from the model, crops and ranking).
+    validation run (:class:`fm_lightning.pictures.examples.ExampleStream`: the same hooks,
+    receptive fields measured from the model, crops and ranking).
 
     Args:
         model: the model the layers belong to.
@@ -356,45 +190,17 @@ def top_examples(
     return {layer: topk.result() for layer, topk in stream.topk.items()}, dict(stream.errors)
 
 
-def cam_picture(
-    model: nn.Module,
-    x: Tensor,
-    method: str,
-    layer: str | None,
-    targets: Tensor | None,
-    cmap: str,
-) -> tuple[Tensor, str]:
-    """Class-activation overlays of ``x`` (N, C, H, W) and their caption, as FeatureMapCallback
-    draws its probe: :func:`fm_lightning.cam.class_activation_maps`, then ``cam_grid``.
-
-    ``layer`` is a name or pattern matching one module (as ``resolve_layers`` reads it), its
-    output read as the callback reads it (``fm_lightning.layouts``: tokens and channels-last
-    become maps); None is torchcam's choice. ``targets`` (N,) adds the true-class column.
-
-    Raises:
-        ValueError: a layer matching no module or several, or as ``class_activation_maps``
-            (e.g. a layer without spatial maps).
-    """
-    name, reshape = None, None
-    if layer is not None:
-        found = resolve_layers(model, [layer])
-        if len(found) != 1:
-            raise ValueError(
-                f"expected --cam-layer {layer!r} to match one module, got {len(found)}: "
-                f"{', '.join(found)}; name one of them"
-            )
-        ((key, module),) = found.items()
-        name = next(n for n, m in model.named_modules() if m is module)
-
-        reading = measure_layout(model, module, x)
-
-        def reshape(t: Tensor) -> Tensor:
-            return interpret(t, module=module, model=model, num_rows=len(x), reading=reading).act
-
-    result = class_activation_maps(model, x, method, layer=name, targets=targets, reshape=reshape)
-    if layer is not None:  # named as the user named it (conv2, not net.conv2), as the callback does
-        result = dataclasses.replace(result, layer=key)
-    return cam_grid(x.float(), result, cmap=cmap), cam_caption(result)
+def _cam_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module] | None:
+    """``--cam-layer``: ``(name, module)`` of the one module it matches, or None (torchcam's)."""
+    if layer is None:
+        return None
+    found = resolve_layers(model, [layer])
+    if len(found) != 1:
+        raise ValueError(
+            f"expected --cam-layer {layer!r} to match one module, got {len(found)}: "
+            f"{', '.join(found)}; name one of them"
+        )
+    return next(iter(found.items()))
 
 
 def _predictions(logits: Tensor) -> str:
@@ -766,31 +572,22 @@ def _draw(
         )
         folders = distinct_path_parts([*folders, *captured, *modules], RESERVED_NAMES)
         lines.append(f"{what[variant]} predicts: {_predictions(logits)}")
+        maps_kind = MapsKind(args.max_channels, args.normalize, args.cmap, args.order)
         for layer, cap in captured.items():
             if cap.error is not None:
-                _note(f"{layer} is not drawn: {cap.error}")
+                note(f"{layer} is not drawn: {cap.error}")
                 continue
-            grid = rendering.feature_picture(
-                cap.act,
-                max_channels=args.max_channels,
-                normalize=args.normalize,
-                cmap=args.cmap,
-                order=args.order,
-                channels=cap.channels,
-            ).numpy()
+            grid = maps_kind.grid(cap).numpy()
             grids.setdefault(layer, {})[variant] = grid
             pictures[f"{folders[layer]}/{variant}.png"] = grid
-            shown = (
-                f"{cap.act.shape[-1]} of {cap.total_channels} features"
-                if cap.channels is None
-                else f"channels {_span(cap.channels.tolist())} of {cap.total_channels}"
-            )
-            caption_of[folders[layer]] = f"{what[variant]}: {shown}" + (
-                f"; {cap.note}" if cap.note else ""
-            )
+            caption_of[folders[layer]] = f"{what[variant]}: {maps_caption(cap)}"
         if args.cam:
             try:
-                grid, caption = cam_picture(model, x, args.cam, args.cam_layer, targets, args.cmap)
+                layer = _cam_layer(model, args.cam_layer)
+                reading = None if layer is None else measure_layout(model, layer[1], x)
+                grid, caption, _ = cam_picture(
+                    model, x, args.cam, layer, reading, targets, cmap=args.cmap
+                )
             except ValueError as err:
                 at = f" at --cam-layer {args.cam_layer}" if args.cam_layer else ""
                 raise VisualizeError(
@@ -807,16 +604,12 @@ def _draw(
                 model, modules, test_x, args.examples, args.max_channels, drawn
             )
             for layer, error in errors.items():
-                _note(f"{layer} has no examples: {error}")
+                note(f"{layer} has no examples: {error}")
             for layer, result in results.items():
                 path = f"{folders[layer]}/{EXAMPLES_DIR}/{variant}.png"
                 pictures[path] = examples_grid(result, cmap=args.cmap).numpy()
                 dead = result.dead.nonzero().flatten().tolist()
-                text = (
-                    f"top {args.examples} MNIST test inputs of channels "
-                    f"{_span(result.channels.tolist())}, cropped to the receptive field; dead "
-                    f"over the test set: {_span(dead) or 'none'}"
-                )
+                text = examples_caption(result, "MNIST test", dead)
                 lines.append(f"{what[variant]} {layer}: {text}")
                 caption_of[f"{folders[layer]}/{EXAMPLES_DIR}"] = f"{what[variant]}: {text}"
     if args.compare:
@@ -826,13 +619,6 @@ def _draw(
     return pictures, lines, captions
 
 
-def _span(channels: list[int]) -> str:
-    """``0-15`` for consecutive channels, else ``3, 7, 9``."""
-    if len(channels) > 2 and channels == list(range(channels[0], channels[-1] + 1)):
-        return f"{channels[0]}-{channels[-1]}"
-    return ", ".join(map(str, channels))
-
-
 def _write(
     pictures: dict[str, np.ndarray],
     out: Path,
@@ -840,7 +626,8 @@ def _write(
     captions: dict[str, dict[str, str]],
 ) -> tuple[list[Path], Path]:
     """Writes the pictures and the gallery page; returns the PNGs written and the page."""
-    written = [save_png(img, out / rel) for rel, img in pictures.items()]
+    pics = [Picture(rel, rel, torch.as_tensor(img)) for rel, img in pictures.items()]
+    written = save_pictures(out, pics)
     # A frame this run did not draw (an earlier --compare's untrained side, an earlier
     # checkpoint's examples or CAM) would show in the gallery as if it belonged to this one.
     drawn = {rel.split("/", 1)[0] for rel in pictures if "/" in rel}
@@ -851,7 +638,7 @@ def _write(
                     (out / folder / f"{sub}{stale}.png").unlink(missing_ok=True)
     others = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in drawn)
     if others:
-        _note(f"{out} also holds {', '.join(others)} from before; the gallery shows them too")
+        note(f"{out} also holds {', '.join(others)} from before; the gallery shows them too")
     return written, write_index(out, title=title, captions=captions)
 
 

@@ -22,9 +22,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN, rendering
-from fm_lightning.callbacks import _ranges
-from fm_lightning.cam import CAM_HEADER_PX
 from fm_lightning.capture import forward_hooks, resolve_layers
+from fm_lightning.pictures.cam import CAM_HEADER_PX
+from fm_lightning.pictures.maps import ranges
 
 
 def _pngs(root) -> list[str]:
@@ -385,7 +385,7 @@ def test_order_by_activation_keeps_the_first_epochs_channels_for_the_run(tmp_pat
     chosen = cb.state_dict()["channels"]["conv2"]  # kept in the checkpoint's state
     history = json.load(open(os.path.join(cb.local_dir, "stats.json")))["history"]
     captions = [h["captions"]["conv2"] for h in history]
-    shown = f"channels {_ranges(chosen.tolist())} of 32"
+    shown = f"channels {ranges(chosen.tolist())} of 32"
     assert len(captions) == 2 and all(f"{shown};" in c for c in captions), captions
     # Choosing afresh on the last epoch's weights would have drawn other channels.
     acts = {}

@@ -20,15 +20,9 @@ from conftest import tiny_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fm_lightning.cam import (
-    CAM_HEADER_PX,
-    CAM_METHODS,
-    cam_caption,
-    cam_grid,
-    check_cam_method,
-    class_activation_maps,
-)
+from fm_lightning.cam import CAM_METHODS, check_cam_method, class_activation_maps
 from fm_lightning.models import ImageClassifier, SimpleCNN
+from fm_lightning.pictures.cam import CAM_HEADER_PX, cam_caption, cam_grid
 from fm_lightning.rendering import colorize
 
 SIZE, SIDE, NOISE, CLASSES = 32, 8, 0.3, 3

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN
-from fm_lightning.cam import CAM_HEADER_PX
+from fm_lightning.pictures.cam import CAM_HEADER_PX
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DDP_SCRIPT = os.path.join(REPO, "tests", "scripts", "ddp_fit.py")

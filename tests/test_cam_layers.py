@@ -19,7 +19,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from fm_lightning import FeatureMapCallback, ImageClassifier
-from fm_lightning.cam import cam_grid, class_activation_maps
+from fm_lightning.cam import class_activation_maps
+from fm_lightning.pictures.cam import cam_grid
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""fm_lightning.examples: top-k examples with a known answer, receptive fields, dead channels."""
+"""Top-k examples with a known answer, receptive fields, dead channels (fm_lightning.topk,
+fm_lightning.receptive_field, fm_lightning.pictures.examples)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fm_lightning.examples import (
-    DeadChannels,
-    ReceptiveField,
-    TopKExamples,
-    crop_at,
-    examples_grid,
-    receptive_field,
-)
 from fm_lightning.files import save_png
 from fm_lightning.models import SimpleCNN
+from fm_lightning.pictures.examples import DeadChannels, examples_grid
+from fm_lightning.receptive_field import ReceptiveField, crop_at, receptive_field
+from fm_lightning.topk import TopKExamples
 
 SIZE = 24  # synthetic images are 1 x 24 x 24
 BAR = 5  # bars are 5 pixels long, as wide as the filters

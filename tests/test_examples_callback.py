@@ -36,10 +36,12 @@ from test_examples import BAR, Bars, bar_images, ranked
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import fm_lightning.callbacks
-import fm_lightning.examples
+import fm_lightning.pictures.examples
+import fm_lightning.receptive_field
 from fm_lightning import FeatureMapCallback, ImageClassifier, SimpleCNN, rendering
-from fm_lightning.examples import TopKExamples, content_ids, examples_grid, receptive_field
+from fm_lightning.pictures.examples import examples_grid
+from fm_lightning.receptive_field import receptive_field
+from fm_lightning.topk import TopKExamples, content_ids
 
 HERE = os.path.abspath(__file__)
 
@@ -78,7 +80,7 @@ def _warnings_about_dead(record) -> list[str]:
     return [str(w.message) for w in record if "are dead" in str(w.message)]
 
 
-# Rows of a drawn examples grid (fm_lightning.examples' layout): tiles of at least 40 px,
+# Rows of a drawn examples grid (fm_lightning.pictures.examples' layout): tiles of at least 40 px,
 # a 12 px caption and a 3 px gap per row, plus the top gap.
 def _grid_rows(png: np.ndarray, crop_px: int) -> float:
     tile = crop_px * -(-40 // crop_px)
@@ -196,7 +198,7 @@ class BarsClassifier(pl.LightningModule):
 def test_known_answer_each_channel_gets_the_images_with_its_strongest_bars(tmp_path, monkeypatch):
     images, (h_strength, v_strength), (h_centre, v_centre) = bar_images()  # 12 images
     data = TensorDataset(images, torch.arange(12) % 2)
-    drawn = _record(monkeypatch, fm_lightning.callbacks, "examples_grid")
+    drawn = _record(monkeypatch, fm_lightning.pictures.examples, "examples_grid")
     cb = FeatureMapCallback(layers=["conv"], examples=4, save_dir=str(tmp_path / "maps"))
     model = BarsClassifier()
     # batches of 5, 5 and 2: the top-k runs across batches; inputs are told apart by content
@@ -335,7 +337,7 @@ def test_order_activation_examples_rows_are_the_channels_the_maps_draw(
 ):
     # Without a sanity check the first validation starts with no probe: its first inputs,
     # which become the probe, choose the channels before any batch is streamed.
-    results = _record(monkeypatch, fm_lightning.callbacks, "examples_grid")
+    results = _record(monkeypatch, fm_lightning.pictures.examples, "examples_grid")
     drawn = _record(monkeypatch, rendering, "feature_picture")
     cb = FeatureMapCallback(
         layers=["conv1", "conv2"], examples=2, max_channels=5, order="activation"
@@ -364,7 +366,7 @@ def test_absurd_examples_are_refused_at_construction_with_the_bound():
 
 
 def test_examples_beyond_the_validation_set_keep_only_the_inputs_there_are(tmp_path, monkeypatch):
-    drawn = _record(monkeypatch, fm_lightning.callbacks, "examples_grid")
+    drawn = _record(monkeypatch, fm_lightning.pictures.examples, "examples_grid")
     cb = FeatureMapCallback(layers=["conv2"], examples=100, save_dir=str(tmp_path / "maps"))
     val = random_loader(n=24, seed=1)
     _fit(tmp_path, cb, val=val, max_epochs=1, limit_val_batches=1.0)
@@ -402,7 +404,7 @@ def test_a_validation_batch_with_no_rows_is_a_no_op(tmp_path, monkeypatch):
     x, y = torch.randn(24, 1, 28, 28, generator=g), torch.randint(0, 10, (24,), generator=g)
 
     def examples(sizes, name):
-        drawn = _record(monkeypatch, fm_lightning.callbacks, "examples_grid")
+        drawn = _record(monkeypatch, fm_lightning.pictures.examples, "examples_grid")
         cb = FeatureMapCallback(
             layers=["conv1", "conv2"], examples=3, save_dir=str(tmp_path / name), strict=True
         )
@@ -426,7 +428,14 @@ def test_a_validation_batch_with_no_rows_is_a_no_op(tmp_path, monkeypatch):
 def test_low_precision_models_measure_the_receptive_field_in_their_dtype(
     tmp_path, monkeypatch, precision
 ):
-    fields = _record(monkeypatch, fm_lightning.examples, "receptive_field")
+    fields = _record(monkeypatch, fm_lightning.pictures.examples, "receptive_field")
+    measured = []  # what each call returned
+    real = fm_lightning.pictures.examples.receptive_field
+    monkeypatch.setattr(
+        fm_lightning.pictures.examples,
+        "receptive_field",
+        lambda *a, **kw: measured.append(real(*a, **kw)) or measured[-1],
+    )
     cb = FeatureMapCallback(
         layers=["conv2"], examples=3, save_dir=str(tmp_path / "maps"), strict=True
     )
@@ -440,7 +449,7 @@ def test_low_precision_models_measure_the_receptive_field_in_their_dtype(
     # the same field as the float32 model's: 5x5 conv, 2x2 pool, 5x5 conv
     model = SimpleCNN()
     rf = receptive_field(model, model.conv2, torch.randn(2, 1, 28, 28))
-    assert cb._fields["conv2"] == rf
+    assert measured == [rf]
     assert _grid_rows(png, rf.height) == 32  # a row per channel
 
 
@@ -549,13 +558,13 @@ def _ddp_main() -> None:
     args = parser.parse_args()
 
     drawn = []  # every ExamplesResult this process draws (rank zero alone draws)
-    real_grid = fm_lightning.callbacks.examples_grid
+    real_grid = fm_lightning.pictures.examples.examples_grid
 
     def recording_grid(result, *a, **kw):
         drawn.append(result)
         return real_grid(result, *a, **kw)
 
-    fm_lightning.callbacks.examples_grid = recording_grid
+    fm_lightning.pictures.examples.examples_grid = recording_grid
     x = _ddp_inputs(args.val_size)
     labels = torch.randint(0, 10, (args.val_size,), generator=torch.Generator().manual_seed(2))
     sampler = _Shards(args.val_size) if args.sampler == "shard" else None

@@ -20,11 +20,11 @@ from conftest import REPO, random_loader, tiny_trainer
 from PIL import Image, ImageDraw, ImageFilter
 
 from fm_lightning import ImageClassifier, MNISTDataModule, SimpleCNN
-from fm_lightning.cam import CAM_HEADER_PX
 from fm_lightning.capture import resolve_layers
 from fm_lightning.cli import main as train_main
 from fm_lightning.data import load_mnist
-from fm_lightning.examples import examples_grid
+from fm_lightning.pictures.cam import CAM_HEADER_PX
+from fm_lightning.pictures.examples import examples_grid
 from fm_lightning.visualize import main, top_examples
 
 # A real timm network as train.py takes it: `--model.net` a function class path, keyword
