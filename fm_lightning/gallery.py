@@ -73,9 +73,10 @@ GIF_NAME = "evolution.gif"
 PROBE_FILE = "probe_inputs.png"
 EXAMPLES_DIR = "examples"  # <root>/<layer>/examples/epoch=NNN.png
 CAM_DIR = "cam"  # <root>/cam/epoch=NNN.png: a row of its own, after the layers
+SIMILARITY_DIR = "similarity"  # <root>/similarity/epoch=NNN.{png,pt}: the similarity panel's
 # Names under <root> that are not layers' folders: a layer whose folder would be one of them
 # gets another (fm_lightning.files.distinct_path_parts).
-RESERVED_NAMES = (CAM_DIR, STATS_FILE, INDEX_FILE, PROBE_FILE)
+RESERVED_NAMES = (CAM_DIR, SIMILARITY_DIR, STATS_FILE, INDEX_FILE, PROBE_FILE)
 _STATS_FORMAT = 1
 _EPOCH_STEM = re.compile(r"epoch=(\d+)")
 _FRAME_STEM = re.compile(r"(epoch|step)=(\d+)")  # step=N: a frame of a step-based fit
