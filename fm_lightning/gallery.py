@@ -19,12 +19,15 @@ The directory this reads, as :class:`~fm_lightning.FeatureMapCallback` writes it
     <root>/cam/epoch=000.png                optional: class-activation overlays, a row of its own
     <root>/<layer>/step=000120.png          a frame of a fit whose validations are step-based,
                                             named by its global step (examples and cam too)
+    <root>/similarity/epoch=000.png         optional: the layer x layer CKA heatmap, in the
+                                            similarity panel (epoch=000.pt beside it is data)
     <root>/stats.json                       optional: written by append_stats
 
 Every directory holding a ``*.png`` (or an ``examples/`` folder of them) is a row; ``cam`` is
-last. Frames are ordered ``untrained`` first, then ``epoch=N`` by N, then any other stem
-alphabetically; the slider steps through the union of all rows' frames, and a row without a
-frame at some step shows its nearest earlier one (maps and examples each).
+last; ``similarity`` is not a row but the similarity panel, after them. Frames are ordered
+``untrained`` first, then ``epoch=N`` by N, then any other stem alphabetically; the slider steps
+through the union of all rows' (and heatmaps') frames, and a row without a frame at some step
+shows its nearest earlier one (maps, examples and heatmap each).
 
 ``stats.json`` (strict JSON; a non-finite statistic is stored as ``null``)::
 
@@ -33,12 +36,16 @@ frame at some step shows its nearest earlier one (maps and examples each).
      "history": [{"epoch": 0,
                   "stats": {"conv1": {"mean": 0.1, "std": 1.2, ...}, ...},
                   "captions": {"conv1": "...", "conv1/examples": "...", "cam": "..."},  # optional
-                  "dead": {"conv1": {"3": 0, "7": 2}}},  # optional: channel -> dead since epoch
+                  "dead": {"conv1": {"3": 0, "7": 2}},  # optional: channel -> dead since epoch
+                  "similarity": {"conv1": {"to_previous": 0.98, "to_first": null}}},  # optional
                  ...]}
 
 Layer rows follow ``layers`` there, then any other layer by directory name. A caption is shown
 under the image it names, for the epoch of the frame shown; a layer's dead channels (with the
-epoch each has been dead since) are listed in its row for the epoch selected. Every file is
+epoch each has been dead since) are listed in its row for the epoch selected. The similarity panel
+(when an entry has ``similarity`` or ``similarity/*.png`` exist) plots each layer's linear CKA
+with the previous and the first captured frame, one line per layer, "n/a" where a value is null
+(a constant layer, or no earlier frame), and shows the heatmap of the frame selected. Every file is
 written atomically (:func:`fm_lightning.files.atomic_write`), so a browser reloading the page
 mid-run, or a crash, never meets a half-written file. The page's HTML, CSS and JS are package
 files (``fm_lightning/assets/gallery.*``), inlined into each ``index.html``.
@@ -73,9 +80,11 @@ GIF_NAME = "evolution.gif"
 PROBE_FILE = "probe_inputs.png"
 EXAMPLES_DIR = "examples"  # <root>/<layer>/examples/epoch=NNN.png
 CAM_DIR = "cam"  # <root>/cam/epoch=NNN.png: a row of its own, after the layers
+SIMILARITY_DIR = "similarity"  # <root>/similarity/epoch=NNN.{png,pt}: the similarity panel's
+SIMILARITY_SERIES = ("to_previous", "to_first")  # what the panel plots, per layer
 # Names under <root> that are not layers' folders: a layer whose folder would be one of them
 # gets another (fm_lightning.files.distinct_path_parts).
-RESERVED_NAMES = (CAM_DIR, STATS_FILE, INDEX_FILE, PROBE_FILE)
+RESERVED_NAMES = (CAM_DIR, SIMILARITY_DIR, STATS_FILE, INDEX_FILE, PROBE_FILE)
 _STATS_FORMAT = 1
 _EPOCH_STEM = re.compile(r"epoch=(\d+)")
 _FRAME_STEM = re.compile(r"(epoch|step)=(\d+)")  # step=N: a frame of a step-based fit
@@ -91,6 +100,7 @@ def append_stats(
     captions: Mapping[str, str] | None = None,
     dead: Mapping[str, Mapping[int, int]] | None = None,
     step: int | None = None,
+    similarity: Mapping[str, Mapping[str, float | None]] | None = None,
 ) -> Path:
     """Merge one capture's per-layer statistics into ``root/stats.json``, atomically.
 
@@ -117,6 +127,9 @@ def append_stats(
             this module wrote.
         step: the capture's step, for a fit whose validations are step-based (its frames are
             ``step=N.png``): the entry is the frame's, and replaces one of the same step.
+        similarity: optional ``{layer: {"to_previous": v, "to_first": v}}``, linear CKA of the
+            layer with itself at the previous and the first captured frame (v None, or a
+            non-finite number, where there is none), stored as the entry's ``"similarity"``.
     """
     if not _is_count(epoch):
         raise ValueError(f"expected epoch to be an int >= 0, got {epoch!r}")
@@ -135,6 +148,17 @@ def append_stats(
                 f"expected dead[{layer!r}] as {{channel: since epoch}} ints >= 0, got {channels!r}"
             )
         dead_entry[layer] = {str(c): e for c, e in sorted(channels.items())}
+    similarity_entry = {}
+    for layer, values in (similarity or {}).items():
+        if not isinstance(values, Mapping) or not all(
+            isinstance(k, str) and (v is None or _is_number(v)) for k, v in values.items()
+        ):
+            raise ValueError(
+                f"expected similarity[{layer!r}] as {{name: number or None}}, got {values!r:.80}"
+            )
+        similarity_entry[layer] = {
+            k: None if v is None else _finite_or_none(v) for k, v in values.items()
+        }
     path = Path(root) / STATS_FILE
     data = _read_stats(path)
     for layer in stats:
@@ -153,6 +177,8 @@ def append_stats(
         entry["captions"] = captions
     if dead_entry:
         entry["dead"] = dead_entry
+    if similarity_entry:
+        entry["similarity"] = similarity_entry
     key = _entry_key(entry)
     history = [h for h in data["history"] if _entry_key(h) != key] + [entry]
     data["history"] = sorted(history, key=lambda h: (h["epoch"], h.get("step", -1)))
@@ -182,8 +208,10 @@ def write_index(
     root = Path(root)
     stats = _read_stats(root / STATS_FILE)
     layers = _layers(root, stats["layers"])
+    heatmaps = _frames(root / SIMILARITY_DIR)
     stems = sorted(
-        {stem for row in layers.values() for frames in row for stem in frames}, key=_frame_order
+        {stem for row in layers.values() for frames in row for stem in frames} | set(heatmaps),
+        key=_frame_order,
     )
     history = {_entry_key(h): h for h in stats["history"]}
     steps = [{"label": _frame_label(stem), "epoch": _frame_epoch(stem)} for stem in stems]
@@ -233,7 +261,24 @@ def write_index(
             }
         rows.append(row)
 
-    manifest = {"steps": steps, "layers": rows}
+    manifest = {"steps": steps, "layers": rows, "similarity": None}
+    measured = _similarity_layers(stats)
+    if measured or heatmaps:
+        srcs, sources = _track(stems, heatmaps, SIMILARITY_DIR)
+        manifest["similarity"] = {
+            "layers": measured,
+            # {"to_previous": {layer: [value per step]}, "to_first": ...}, None where unknown
+            "series": {
+                key: {
+                    layer: [at(i, "similarity", layer, key) for i in range(len(steps))]
+                    for layer in measured
+                }
+                for key in SIMILARITY_SERIES
+            },
+            "src": srcs,
+            "from": sources,
+            "caption": [caption(f, SIMILARITY_DIR) for f in sources],
+        }
     # JSON inside <script>: escaping <, > and & keeps any name from closing the element.
     data = json.dumps(manifest, allow_nan=False)
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -345,6 +390,19 @@ def load_stats(path: str | os.PathLike) -> dict:
                 f'expected {path} to hold a history of {{"epoch": int, "stats": {{layer: '
                 f"{{name: number}}}}}}, got {entry!r:.80}"
             )
+        similarity = entry.get("similarity", {})
+        if not (
+            isinstance(similarity, dict)
+            and all(
+                isinstance(values, dict)
+                and all(v is None or _is_number(v) for v in values.values())
+                for values in similarity.values()
+            )
+        ):
+            raise ValueError(
+                f"expected {path}'s similarity entries as {{layer: {{name: number or null}}}}, "
+                f"got {similarity!r:.80}"
+            )
     return data
 
 
@@ -365,6 +423,17 @@ def _read_stats(path: Path) -> dict:
         return load_stats(path)  # moved away: an empty history
 
 
+def _similarity_layers(stats: dict) -> list[str]:
+    """The layers with a similarity value in any entry: in the recorded order, then by name."""
+    names = {layer for h in stats["history"] for layer in h.get("similarity") or {}}
+    rank = {name: i for i, name in enumerate(stats["layers"])}
+    return sorted(names, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _finite_or_none(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
@@ -374,7 +443,7 @@ def _layers(root: Path, order: list[str]) -> dict[str, tuple[dict[str, Path], di
     """``{row: (its frames, its examples' frames)}``: the recorded order, then by name, cam last."""
     layers = {}
     for p in sorted(root.iterdir()):
-        if p.is_dir() and not p.name.startswith("."):
+        if p.is_dir() and not p.name.startswith(".") and p.name != SIMILARITY_DIR:
             frames, examples = _frames(p), _frames(p / EXAMPLES_DIR)
             if frames or examples:
                 layers[p.name] = (frames, examples)

@@ -66,6 +66,8 @@ class LocalRun:
     dead: Mapping[str, Mapping[int, int]] = field(default_factory=dict)  # {folder: {ch: since}}
     title: str = "feature maps"
     step: int | None = None  # the frame's step, in a fit whose validations are step-based
+    # {layer: {"to_previous": CKA, "to_first": CKA}}, None where there is none (gallery panel)
+    similarity: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
 
 
 def publish(
@@ -102,6 +104,7 @@ def publish(
             captions=captions,
             dead=dict(local.dead),
             step=local.step,
+            similarity=dict(local.similarity),
         )
         gallery.write_index(local.root, title=local.title)
     except Exception as err:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from fm_lightning.files import save_png
 from fm_lightning.gallery import append_stats, write_gifs, write_index
+from fm_lightning.pictures.similarity import similarity_picture
 from fm_lightning.rendering import feature_grid, image_grid
 
 HOSTILE_TITLE = '</title></script><script>window.__pwned = 1</script>"&'
@@ -138,7 +139,7 @@ def test_index_orders_steps_and_layers_and_fills_gaps_with_the_last_frame(tmp_pa
 
 def test_index_of_an_empty_directory_is_still_a_page(tmp_path):
     _, manifest = read_manifest(write_index(tmp_path))
-    assert manifest == {"steps": [], "layers": []}
+    assert manifest == {"steps": [], "layers": [], "similarity": None}
 
 
 # ---------------------------------------------------------------------------- GIFs
@@ -488,4 +489,116 @@ def test_plot_axis_labels_are_never_clipped(open_page, tmp_path):
     assert "-0.000373" in texts and "0.000123" in texts, texts
     for text, left, right, width in boxes:
         assert left >= 0 and right <= width, (text, left, right)
+    assert page.errors == []
+
+
+# ---------------------------------------------------------------------------- similarity panel
+
+
+def similarity_heatmap(root, stem, value):
+    """A real CKA heatmap PNG at root/similarity/<stem>.png, with ``value`` off the diagonal."""
+    values = torch.tensor([[1.0, value, 0.0], [value, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    defined = torch.tensor([[True, True, False], [True, True, False], [False, False, False]])
+    names = ["conv1", "conv2", "dead"]
+    return save_png(
+        similarity_picture(values, names, names, f"CKA {stem}", defined=defined),
+        root / "similarity" / f"{stem}.png",
+    )
+
+
+@pytest.fixture
+def similarity_dir(tmp_path):
+    """Three epochs of two layers' maps, each with a heatmap and to_previous / to_first values;
+    ``dead`` is constant (None), and epoch 0 has no previous frame (None)."""
+    root = tmp_path / "run"
+    to_previous = {"conv1": [None, 0.95, 0.999], "conv2": [None, 0.8, 0.97]}
+    for epoch in range(3):
+        for layer in ("conv1", "conv2"):
+            add_frame(root, layer, f"epoch={epoch:03d}", seed=epoch)
+        similarity_heatmap(root, f"epoch={epoch:03d}", 0.3 + 0.2 * epoch)
+        similarity = {
+            layer: {"to_previous": values[epoch], "to_first": values[epoch] and values[epoch] - 0.1}
+            for layer, values in to_previous.items()
+        }
+        similarity["dead"] = {"to_previous": None, "to_first": math.nan}
+        append_stats(root, epoch, {"conv1": STATS, "conv2": STATS}, similarity=similarity)
+    return root
+
+
+def test_append_stats_keeps_similarity_with_none_for_n_a_and_the_folder_is_no_layer(
+    similarity_dir,
+):
+    data = json.loads((similarity_dir / "stats.json").read_text(), parse_constant=pytest.fail)
+    assert data["history"][1]["similarity"]["conv1"] == {"to_previous": 0.95, "to_first": 0.85}
+    assert data["history"][2]["similarity"]["dead"] == {"to_previous": None, "to_first": None}
+    with pytest.raises(ValueError, match=r"expected similarity\['conv1'\] as \{name: number"):
+        append_stats(similarity_dir, 3, {}, similarity={"conv1": {"to_previous": "high"}})
+    _, manifest = read_manifest(write_index(similarity_dir))
+    assert [row["name"] for row in manifest["layers"]] == ["conv1", "conv2"]  # no "similarity"
+    panel = manifest["similarity"]
+    assert panel["layers"] == ["conv1", "conv2", "dead"]
+    assert panel["series"]["to_previous"]["conv2"] == [None, 0.8, 0.97]
+    assert panel["series"]["to_first"]["dead"] == [None, None, None]
+    assert panel["src"] == [f"similarity/epoch%3D00{i}.png" for i in range(3)]
+    assert write_gifs(similarity_dir).keys() == {"conv1", "conv2"}  # no GIF of the heatmaps
+
+
+def test_a_gallery_without_similarity_has_no_panel(tmp_path):
+    add_frame(tmp_path, "conv1", "epoch=000")
+    append_stats(tmp_path, 0, {"conv1": STATS})
+    assert read_manifest(write_index(tmp_path))[1]["similarity"] is None
+
+
+def similarity_state(page):
+    """The heatmap shown, the panel's legend texts and plotted lines."""
+    return page.evaluate(
+        """() => {
+        const panel = document.querySelector('#similarity');
+        return {
+            src: panel.querySelector('img').getAttribute('src'),
+            titles: [...panel.querySelectorAll('.plot-title')].map(t => t.textContent),
+            legends: [...panel.querySelectorAll('.legend')].map(l => l.textContent),
+            lines: [...panel.querySelectorAll('svg path')].map(p => p.getAttribute('stroke')),
+            body: document.body.innerText,
+        };
+    }"""
+    )
+
+
+@pytest.mark.browser
+def test_similarity_panel_plots_a_line_per_layer_and_its_heatmap_follows_the_slider(
+    open_page, similarity_dir
+):
+    page = open_page(write_index(similarity_dir, title="run"))
+    page.wait_for_function(ALL_IMAGES_LOADED)
+    state = similarity_state(page)
+    assert label(page) == "epoch 2"
+    assert state["src"] == "similarity/epoch%3D002.png"
+    assert state["titles"] == [
+        "CKA with the previous frame (1 = unchanged)",
+        "CKA with the first frame",
+    ]
+    # One line per layer in each plot (dead has no values, so no line), distinct colours.
+    assert len(state["lines"]) == 6 and len(set(state["lines"][:3])) == 3
+    assert state["legends"][0] == "conv1 0.999conv2 0.97dead n/a"
+    assert "NaN" not in state["body"] and "nan" not in state["body"]
+    # The heatmap is the last row, after the layers, drawn at its own size.
+    sections = page.eval_on_selector_all(".layer", "els => els.map(e => e.id || 'layer')")
+    assert sections == ["layer", "layer", "similarity"]
+    width = page.evaluate(
+        "() => { const i = document.querySelector('#similarity img');"
+        " return [i.getBoundingClientRect().width, i.naturalWidth]; }"
+    )
+    assert width[0] == width[1]
+
+    move_slider(page, 0)
+    state = similarity_state(page)
+    assert label(page) == "epoch 0" and state["src"] == "similarity/epoch%3D000.png"
+    assert state["legends"][0] == "conv1 n/aconv2 n/adead n/a"  # no previous frame yet
+    page.keyboard.press("ArrowRight")
+    state = similarity_state(page)
+    assert state["src"] == "similarity/epoch%3D001.png"
+    assert state["legends"][0] == "conv1 0.95conv2 0.8dead n/a"
+    assert state["legends"][1] == "conv1 0.85conv2 0.7dead n/a"
+    page.wait_for_function(ALL_IMAGES_LOADED)
     assert page.errors == []

@@ -182,3 +182,30 @@ def test_a_logger_without_pictures_is_named_once_and_still_gets_the_scalars(tmp_
     assert ours[0].startswith("FeatureMapCallback: _MetricsOnly receives no pictures")
     assert str(tmp_path / "maps") in ours[0]
     assert sum("feature_stats/conv1/mean" in m for m in own.metrics) >= 2
+
+
+def test_a_local_run_hands_similarity_and_its_heatmap_to_the_gallery(tmp_path):
+    """The contract with the similarity view: LocalRun.similarity reaches stats.json and the
+    panel; a picture under similarity/ is the panel's heatmap, with its caption."""
+    import torch
+
+    from fm_lightning.gallery import load_stats
+
+    heatmap = torch.full((8, 8, 3), 200, dtype=torch.uint8)
+    pictures = [
+        publishing.Picture(
+            "feature_similarity/layers", "similarity/epoch=001.png", heatmap, "CKA e1"
+        )
+    ]
+    similarity = {"conv1": {"to_previous": 0.9, "to_first": None}}
+    local = publishing.LocalRun(str(tmp_path), epoch=1, similarity=similarity)
+    errors = []
+    publishing.publish([], pictures, {}, step=10, local=local, on_error=lambda *e: errors.append(e))
+    assert errors == []
+    entry = load_stats(tmp_path / "stats.json")["history"][0]
+    assert entry["similarity"] == similarity and entry["captions"] == {"similarity": "CKA e1"}
+    page = (tmp_path / "index.html").read_text()
+    manifest = json.loads(re.search(r'id="manifest">(.*?)</script>', page, re.S).group(1))
+    assert manifest["layers"] == []
+    assert manifest["similarity"]["series"]["to_previous"] == {"conv1": [0.9]}
+    assert manifest["similarity"]["caption"] == ["CKA e1"]

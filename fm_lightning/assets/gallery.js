@@ -8,6 +8,14 @@
     {keys: ["frac_zero", "dead_channels_probe", "dead_channels_val"],
       colors: ["#2ca02c", "#d62728", "#9467bd"], fraction: true}
   ];
+  // The similarity panel: one line per layer, its linear CKA with the previous and the first
+  // frame. Values near 1 matter: the axis runs from the tenth below the lowest value up to 1.
+  var SIMILARITY = [
+    {key: "to_previous", title: "CKA with the previous frame (1 = unchanged)"},
+    {key: "to_first", title: "CKA with the first frame"}
+  ];
+  var PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+    "#7f7f7f", "#bcbd22", "#17becf"];
   // Plot size and margins; the left margin grows to fit the widest value label.
   var W = 300, H = 84, L = 40, R = 8, T = 6, B = 18, CHAR_PX = 6.5;
   var slider = document.getElementById("epoch");
@@ -23,9 +31,10 @@
     return node;
   }
   function x(i, left) { return last > 0 ? left + (W - left - R) * i / last : (left + W - R) / 2; }
-  function fmt(v, fraction) {
-    if (v === null || v === undefined) return "\u2013";
-    return fraction ? (100 * v).toFixed(1) + "%" : Number(v.toPrecision(3)).toString();
+  function fmt(v, spec) {
+    if (v === null || v === undefined) return spec.missing || "\u2013";
+    if (spec.fraction) return (100 * v).toFixed(1) + "%";
+    return Number(v.toPrecision(spec.precision || 3)).toString();
   }
   // Integer zoom, as large as the box allows, so pixelated maps keep square pixels (max-width
   // still shrinks an image wider than the screen). The stats plots wrap below a wide frame.
@@ -47,9 +56,13 @@
       .filter(function (v) { return v !== null; });
     var lo = spec.fraction ? 0 : Math.min.apply(null, values.concat([0]));
     var hi = spec.fraction ? 1 : Math.max.apply(null, values.concat([0]));
+    if (spec.nearOne) {
+      hi = 1;
+      lo = Math.min(0.9, Math.ceil(10 * Math.min.apply(null, values.concat([1]))) / 10 - 0.1);
+    }
     if (!(hi > lo)) { hi = lo + 1; }
     function y(v) { return T + (H - T - B) * (hi - v) / (hi - lo); }
-    var ticks = [hi, lo].map(function (v) { return fmt(v, spec.fraction); });
+    var ticks = [hi, lo].map(function (v) { return fmt(v, spec); });
     var left = Math.max(L, 8 + CHAR_PX * Math.max(ticks[0].length, ticks[1].length));
     function px(i) { return x(i, left); }
     var svg = el("svg", {width: W, height: H, viewBox: "0 0 " + W + " " + H}, undefined, true);
@@ -95,6 +108,7 @@
       return {k: k, dot: dot, value: value};
     });
     var box = el("div");
+    if (spec.title) box.appendChild(el("div", {"class": "plot-title"}, spec.title));
     box.appendChild(svg);
     box.appendChild(legend);
     return {node: box, show: function (i) {
@@ -102,7 +116,7 @@
       cursor.setAttribute("x2", px(i));
       parts.forEach(function (p) {
         var v = stats[p.k][i];
-        p.value.textContent = fmt(v, spec.fraction);
+        p.value.textContent = fmt(v, spec);
         p.dot.setAttribute("visibility", v === null ? "hidden" : "visible");
         if (v !== null) { p.dot.setAttribute("cx", px(i)); p.dot.setAttribute("cy", y(v)); }
       });
@@ -183,6 +197,35 @@
       plots.forEach(function (p) { p.show(i); });
     });
   });
+  if (M.similarity) {
+    var S = M.similarity;
+    var section = el("section", {"class": "layer similarity", id: "similarity"});
+    var title = el("h2", {}, "similarity (linear CKA)");
+    var note = el("span", {"class": "note"});
+    title.appendChild(note);
+    section.appendChild(title);
+    var row = el("div", {"class": "row"});
+    // The heatmap carries its own labels and scale: drawn at its own size.
+    var heatmap = track(S, "layer x layer CKA", row, 1, "frame heatmap");
+    row.appendChild(heatmap.node);
+    var colors = S.layers.map(function (_, k) { return PALETTE[k % PALETTE.length]; });
+    var plots = SIMILARITY.map(function (kind) {
+      return panel(S.series[kind.key], {keys: S.layers, colors: colors, fraction: false,
+        nearOne: true, precision: 4, missing: "n/a", title: kind.title});
+    }).filter(Boolean);
+    if (plots.length) {
+      var column = el("div", {"class": "plots"});
+      plots.forEach(function (p) { column.appendChild(p.node); });
+      row.appendChild(column);
+    }
+    section.appendChild(row);
+    document.getElementById("layers").appendChild(section);
+    views.push(function (i) {
+      var from = heatmap.show(i);
+      note.textContent = from !== null && from !== i ? "heatmap of " + M.steps[from].label : "";
+      plots.forEach(function (p) { p.show(i); });
+    });
+  }
   if (!M.layers.length) {
     document.getElementById("layers").appendChild(el("p", {"class": "empty"},
       "No feature maps yet."));
