@@ -10,10 +10,10 @@ Targets:
        destination). With/without alternate, order flipping every round (AB, BA, ...); the
        verdict uses the median of the per-round ratios.
     2. one capture + render + log of 2 layers x 4 images under 50 ms on CPU. After a short fit,
-       cb.on_validation_end(trainer, model) is called directly (cb._capturing set before each
-       call, as on_validation_start sets it for a captured epoch); reported as median and p90,
+       cb.on_validation_end(trainer, model) is called directly (cb._run made before each call,
+       as on_validation_start makes it for a captured validation); reported as median and p90,
        and split into the capture (fm_lightning.capture.capture: the forward with hooks) and the
-       render + log (cb._log).
+       render + log (cb._publish: every picture kind draws, then publishing).
     3. memory flat over 30 captures: RSS (and torch.cuda.memory_allocated on a GPU), read after
        gc.collect() following each capture, grows by no more than in a control loop of plain
        forward passes of the same probe without the callback (run before and after, to measure
@@ -166,13 +166,13 @@ trainer = make_trainer(
 model = new_model()
 trainer.fit(model, datamodule=dm)  # sets up the callback and takes its probe of 4 images
 model.to(device)  # the strategy's teardown moved the model back to the CPU
-epoch = trainer.current_epoch
 assert cb.probe is not None and len(cb.probe) == 4, "the fit should have taken a 4-image probe"
 cb._resolve(model)  # teardown dropped the callback's module references
+run = cb._make_run(trainer, model)
 
 
 def full_call_seconds() -> float:
-    cb._capturing = True  # as on_validation_start decides for a captured epoch
+    cb._run = cb._make_run(trainer, model)  # as on_validation_start makes it when captured
     with common.Timer(device) as t:
         cb.on_validation_end(trainer, model)
     return t.s
@@ -194,7 +194,7 @@ def capture_seconds() -> float:
 def log_seconds() -> float:
     captured = probe_pass()
     with common.Timer(device) as t:
-        cb._log(trainer, epoch, captured, {}, [])
+        cb._publish(trainer, run, cb.probe, captured)
     return t.s
 
 
@@ -239,7 +239,7 @@ def track(step) -> list[tuple[int, int]]:
 
 
 def capture_step() -> None:
-    cb._capturing = True
+    cb._run = cb._make_run(trainer, model)
     cb.on_validation_end(trainer, model)
 
 

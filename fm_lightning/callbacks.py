@@ -48,6 +48,7 @@ from fm_lightning.pictures import Drawn, PictureKind, Run, Shot
 from fm_lightning.pictures.cam import CamKind
 from fm_lightning.pictures.examples import ExamplesKind, check_examples
 from fm_lightning.pictures.maps import MapsKind
+from fm_lightning.pictures.similarity import SimilarityKind
 from fm_lightning.probe import Probe
 from fm_lightning.publishing import (
     LocalRun,
@@ -110,6 +111,13 @@ class FeatureMapCallback(Callback):
         target_fn: ``batch -> (N,) true classes`` for the CAM's true-class maps. Default: the
             second element of an ``(x, y)`` batch, or a ``"label(s)"``/``"target(s)"``/``"y"``
             key of a dict batch, when it holds N integer classes.
+        similarity: n, the validation inputs compared by linear CKA (0: off; else >= 2): the
+            first n of the first validation dataloader in dataset order, the same every epoch
+            and run. Each captured validation logs ``feature_similarity/<layer>/to_previous``
+            and ``/to_first`` (the layer's CKA with itself at the previous and the first
+            captured validation), draws a layer x layer CKA heatmap and keeps the centred
+            Grams in ``similarity/<frame>.pt`` for ``python -m fm_lightning.similarity``
+            (``fm_lightning.pictures.similarity``, ``fm_lightning.cka``).
         name: tells two FeatureMapCallbacks in one Trainer apart: their checkpoint state and
             their default directory (``feature_maps_<name>``).
         strict: raise on failures instead of warning once and carrying on.
@@ -139,6 +147,7 @@ class FeatureMapCallback(Callback):
         cam: str | None = None,
         cam_layer: str | None = None,
         target_fn: Callable[[Any], torch.Tensor] | None = None,
+        similarity: int = 0,
         name: str | None = None,
         strict: bool = False,
     ) -> None:
@@ -180,6 +189,15 @@ class FeatureMapCallback(Callback):
                 f"cam_layer={cam_layer!r} and cam=None: pass cam=..., or drop cam_layer"
             )
         batches = BatchReader(input_key, input_fn, target_fn)  # checks them
+        if (
+            isinstance(similarity, bool)
+            or not isinstance(similarity, int)
+            or not (similarity == 0 or similarity >= 2)
+        ):
+            raise ValueError(
+                f"expected `similarity` to be 0 (off) or the number of inputs compared, an int "
+                f">= 2, got {similarity!r}"
+            )
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"expected `name` to be a non-empty string or None, got {name!r}")
 
@@ -200,6 +218,7 @@ class FeatureMapCallback(Callback):
         self.cam = cam
         self.cam_layer = cam_layer
         self.target_fn = target_fn
+        self.similarity = similarity
         self.name = name
         self.strict = strict
 
@@ -213,6 +232,8 @@ class FeatureMapCallback(Callback):
             self._kinds.append(ExamplesKind(examples, dead_warn, max_channels, cmap, order))
         if self._cam is not None:
             self._kinds.append(self._cam)
+        if similarity:
+            self._kinds.append(SimilarityKind(similarity))
         self._modules: dict[str, nn.Module] = {}  # resolved when fitting starts
         self._readings: dict[str, probing.Reading] = {}  # output layouts, measured once per fit
         self._run: Run | None = None  # set for a captured validation, on every rank
@@ -426,6 +447,7 @@ class FeatureMapCallback(Callback):
             all_agree=lambda ok: trainer.strategy.reduce_boolean_decision(ok, all=True),
             world_size=trainer.world_size,
             validation_inputs=schedule.validation_inputs(trainer),
+            validation_order=schedule.validation_order(trainer) if self.similarity else None,
             num_images=self.num_images,
             shared_probe=lambda: self._shared_probe(trainer, pl_module),
             warn=lambda message: self._warn(f"FeatureMapCallback: {message}"),
@@ -508,7 +530,15 @@ class FeatureMapCallback(Callback):
                 drawn.stats.setdefault(folder, {}).update(stats)
         title = os.path.dirname(self.local_dir) or "feature maps"
         frame = shot.frame
-        local = LocalRun(self.local_dir, frame.epoch, drawn.stats, drawn.dead, title, frame.step)
+        local = LocalRun(
+            self.local_dir,
+            frame.epoch,
+            drawn.stats,
+            drawn.dead,
+            title,
+            frame.step,
+            similarity=drawn.similarity,
+        )
         publish(trainer.loggers, drawn.pictures, drawn.scalars, shot.step, local, self._fail)
 
     def _folders(self, keys: list[str]) -> dict[str, str]:

@@ -155,7 +155,7 @@ def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_d
     assert [int(r["step"]) for r in rows if r["train/loss"]] == [4, 9, 14, 19]
     assert glob.glob(str(run / "checkpoints" / "*.ckpt"))
     pngs = sorted(glob.glob(str(run / "feature_maps" / "**" / "*.png"), recursive=True))
-    # maps, top-k examples and CAM overlays, as configs/default.yaml turns them on
+    # maps, top-k examples, CAM overlays and the CKA heatmap, as configs/default.yaml turns them on
     assert [os.path.relpath(p, run / "feature_maps") for p in pngs] == [
         "cam/epoch=000.png",
         "cam/epoch=001.png",
@@ -168,6 +168,8 @@ def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_d
         "conv2/examples/epoch=000.png",
         "conv2/examples/epoch=001.png",
         "probe_inputs.png",
+        "similarity/epoch=000.png",
+        "similarity/epoch=001.png",
     ]
     for path in pngs:
         img = Image.open(path).convert("L")
@@ -178,6 +180,10 @@ def test_train_py_smoke_run_leaves_metrics_checkpoint_and_maps(tmp_path, mnist_d
     _train_debug(tmp_path, mnist_dir, "--trainer.max_epochs=3", f"--ckpt_path={last}")
     resumed = tmp_path / "logs" / "debug" / "version_1" / "feature_maps" / "conv1"
     assert [p.name for p in sorted(resumed.glob("*.png"))] == ["epoch=002.png"]
+    # the CKA state came along: the resumed epoch compares with epoch 1 and with epoch 0
+    with open(tmp_path / "logs" / "debug" / "version_1" / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("feature_similarity/conv1/to_previous")]
+    assert len(logged) == 1 and logged[0]["feature_similarity/conv1/to_first"]
 
     # the visualizer reads the real checkpoint train.py wrote (weights only)
     from fm_lightning.visualize import main as visualize

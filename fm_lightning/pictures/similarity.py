@@ -1,4 +1,11 @@
-"""The layer x layer CKA heatmap: one cell per pair of layers, its value written in it.
+"""The similarity picture kind: how each layer's representation changes over training (linear CKA
+with itself at the previous and the first captured validation), and a layer x layer CKA heatmap
+with one cell per pair of layers, its value written in it.
+
+    kind = SimilarityKind(n=512)            # FeatureMapCallback(similarity=512) makes one
+    kind.start(run); with kind.observe(run, x): model(x)   # the first n validation inputs
+    kind.finish(run)                        # every rank's rows merged, Grams computed
+    drawn = kind.draw(run, shot)            # rank zero: similarity/epoch=003.{png,pt}, scalars
 
     values, defined = cka_matrix(grams, grams)          # fm_lightning.cka: (La, Lb), (La, Lb)
     img = similarity_picture(values, names, names, "linear CKA between layers, epoch 3",
@@ -14,16 +21,30 @@ its inputs, drawn with :mod:`fm_lightning.rendering`'s colormaps and :mod:`fm_li
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from fm_lightning.capture import forward_hooks, match_layer
+from fm_lightning.cka import (
+    SimilarityRecord,
+    SimilarityRecorder,
+    cka_matrix,
+    linear_cka,
+    save_record,
+)
+from fm_lightning.gallery import SIMILARITY_DIR
+from fm_lightning.layouts import interpret
+from fm_lightning.pictures import Drawn, Picture, PictureKind, Run, Shot
 from fm_lightning.rendering import COLORBAR_PX, FONT_PX, LINE_PX, TEXT_RGB, colorbar, colorize
 from fm_lightning.text import stamp, text_width
 
-__all__ = ["similarity_picture"]
+__all__ = ["SimilarityKind", "similarity_picture"]
 
 CMAP = "viridis"
 NA_RGB = (221, 221, 221)  # light grey: outside viridis, and dark text stays readable on it
@@ -155,3 +176,129 @@ def _checked(
             "(mark a missing CKA with defined=False: it is drawn as n/a)"
         )
     return values.masked_fill(~defined, 0.0), defined
+
+
+class SimilarityKind(PictureKind):
+    """Linear CKA of the chosen layers on the first ``n`` validation inputs (dataset order),
+    every captured validation: each layer against itself at the previous and the first captured
+    validation (scalars), every layer against every other (a heatmap), and the centred Grams
+    kept in ``similarity/<frame>.pt`` to compare runs later (``python -m fm_lightning.similarity``).
+    """
+
+    def __init__(self, n: int, cmap: str = "viridis") -> None:
+        self.n = n
+        self.first: dict[str, Tensor] = {}  # {layer: (n, n) centred Gram} at the first frame
+        self.previous: dict[str, Tensor] = {}  # ... at the previous captured validation
+        self._order: list[int] | None = None  # this rank's dataset indices, batch after batch
+        self._position = 0
+        self._recorder: SimilarityRecorder | None = None
+        self._record: SimilarityRecord | None = None
+
+    def start(self, run: Run) -> None:
+        self._recorder, self._record, self._position = None, None, 0
+        self._order = run.validation_order
+        if self._order is None:
+            run.warn_once(
+                "similarity:order",
+                "similarity needs a validation set read in a fixed order (a map-style dataset, "
+                "no shuffling), to compare the same inputs every epoch; none is measured.",
+            )
+
+    def observe(self, run: Run, inputs: Any) -> AbstractContextManager:
+        if self._order is None or not isinstance(inputs, Tensor):
+            return nullcontext()
+        start, self._position = self._position, self._position + len(inputs)
+        indices = torch.tensor(self._order[start : self._position], dtype=torch.long)
+        if len(indices) != len(inputs) or not bool((indices < self.n).any()):
+            return nullcontext()  # past the n (or the sampler's order no longer holds)
+        return self._observed(run, inputs, indices)
+
+    @contextmanager
+    def _observed(self, run: Run, inputs: Tensor, indices: Tensor) -> Iterator[None]:
+        acts: dict[str, Tensor] = {}  # {layer: (B, ...)} this batch's outputs
+
+        def record(key: str, module: nn.Module, output: Any) -> None:
+            if "@" in key:
+                return  # a module called twice: its first call is the layer's representation
+            layout = match_layer(run.layouts, key) or "auto"
+            reading = run.readings.get(key)
+            acts[key] = interpret(
+                output,
+                module=module,
+                model=run.model,
+                num_rows=len(inputs),
+                layout=layout,
+                reading=reading,
+            ).act.detach()
+
+        with torch.compiler.set_stance("force_eager"), forward_hooks(run.modules, record):
+            yield
+        try:
+            if self._recorder is None:
+                features = {key: act[0].numel() for key, act in acts.items()}
+                device = next(iter(acts.values())).device if acts else "cpu"
+                self._recorder = SimilarityRecorder(self.n, features, device=device)
+            self._recorder.observe_inputs(indices, inputs)
+            for key, act in acts.items():
+                self._recorder.observe(key, indices, act)
+        except Exception as err:
+            self._order = None  # nothing more this validation
+            run.fail("similarity", err)
+
+    def finish(self, run: Run) -> None:
+        """Every rank's rows merged (Lightning's all_gather), and the Grams on every rank."""
+        recorder, self._recorder, self._record = self._recorder, None, None
+        # Ranks agree on the layers and their widths first, as the examples do.
+        layers = None if recorder is None else sorted(recorder.features.items())
+        ok = layers is not None and layers == run.broadcast(layers)
+        if not run.all_agree(ok) or recorder is None:
+            return
+        try:
+            recorder.merge(run.all_gather(recorder.state()))
+            self._record = recorder.record()
+        except Exception as err:
+            run.fail("similarity", err)
+
+    def draw(self, run: Run, shot: Shot) -> Drawn:
+        record, self._record = self._record, None
+        if record is None:
+            return Drawn()
+        drawn, grams = Drawn(), record.grams
+        layers = list(grams)
+        for layer, gram in grams.items():
+            first = self.first.setdefault(layer, gram)
+            values = {"to_first": linear_cka(gram, first)}
+            if layer in self.previous:
+                values["to_previous"] = linear_cka(gram, self.previous[layer])
+            drawn.similarity[layer] = {key: values.get(key) for key in ("to_previous", "to_first")}
+            for key, value in values.items():
+                if value is not None:
+                    drawn.scalars[f"feature_similarity/{layer}/{key}"] = value
+        self.previous = dict(grams)
+        matrix, defined = cka_matrix(grams, grams)
+        caption = (
+            f"{shot.when}: linear CKA between layers on the first {self.n} validation inputs "
+            "(1: the same representation up to rotation and scale)"
+        )
+        try:
+            title = f"linear CKA between layers, {shot.frame.text}"
+            notes = [f"on the first {self.n} validation inputs (dataset order)"]
+            image = similarity_picture(matrix, layers, layers, title, defined=defined, notes=notes)
+            save_record(record, os.path.join(shot.root, SIMILARITY_DIR, f"{shot.frame.stem}.pt"))
+        except Exception as err:
+            run.fail("similarity", err)
+            return drawn
+        path = f"{SIMILARITY_DIR}/{shot.frame.stem}.png"
+        drawn.pictures.append(Picture("feature_similarity/layers", path, image, caption))
+        return drawn
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"similarity": {"first": dict(self.first), "previous": dict(self.previous)}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        kept = state.get("similarity") or {}
+        self.first = dict(kept.get("first") or {})
+        self.previous = dict(kept.get("previous") or {})
+
+    def teardown(self) -> None:
+        self._recorder, self._record, self._order = None, None, None
