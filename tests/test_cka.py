@@ -371,3 +371,25 @@ def test_two_ddp_cpu_processes_make_the_same_record_as_one(tmp_path):
     assert list(one.grams) == list(two.grams) == ["conv1", "conv2"]
     for layer in one.grams:
         assert torch.allclose(one.grams[layer], two.grams[layer], rtol=1e-6, atol=1e-6), layer
+
+
+def test_an_unchanged_layer_observed_in_other_batches_has_cka_1_with_itself(mnist512):
+    """What a frozen layer's to_previous reads: the same weights, inputs batched differently
+    (another epoch, another rank split), the sketched conv1 and the exact conv2 -> 1.0."""
+    torch.manual_seed(0)
+    net = SimpleCNN().eval()
+    features = {"conv1": 9216, "conv2": 2048}
+
+    def record(batch_size):
+        recorder = SimilarityRecorder(512, features)
+        for indices in torch.arange(512).split(batch_size):
+            acts = activations(net, mnist512[indices], list(features))
+            recorder.observe_inputs(indices, mnist512[indices])
+            for layer, act in acts.items():
+                recorder.observe(layer, indices, act)
+        return recorder.record()
+
+    first, later = record(64), record(100)
+    assert first.inputs_sha256 == later.inputs_sha256
+    for layer in features:
+        assert linear_cka(first.grams[layer], later.grams[layer]) == pytest.approx(1.0, abs=1e-6)
