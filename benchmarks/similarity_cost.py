@@ -81,17 +81,9 @@ print(f"layers: {features} values per input; kept while observing: n x min(p, {S
 
 
 @torch.no_grad()
-def validation() -> float:
+def forward(inputs: list[torch.Tensor]) -> float:
     with common.Timer(device) as t:
-        for x, _ in batches:
-            model(x)
-    return t.s
-
-
-@torch.no_grad()
-def bare512() -> float:
-    with common.Timer(device) as t:
-        for _, x in first:
+        for x in inputs:
             model(x)
     return t.s
 
@@ -120,7 +112,11 @@ def observe512() -> float:
     return t.s
 
 
-contenders = {"validation": validation, "bare512": bare512, "observe512": observe512}
+contenders = {
+    "validation": functools.partial(forward, [x for x, _ in batches]),
+    "bare512": functools.partial(forward, [x for _, x in first]),
+    "observe512": observe512,
+}
 for run in contenders.values():  # warm-up, untimed
     run()
 times = common.interleaved(contenders, args.repeats)

@@ -46,10 +46,10 @@ class SimilarityError(ValueError):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one ``error: ...`` line (no usage block), exit status 2."""
+    """argparse whose errors are SimilarityErrors, printed as every other error is."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
+        raise SimilarityError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,9 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0, or 2 for a user error)."""
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(build_parser().parse_args(argv))
     except SimilarityError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,15 +4,21 @@ sketch of wide layers on real activations, the recorder (batches, ranks) and its
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from fm_lightning.cka import (
     SKETCH_WIDTH,
     SimilarityRecord,
     SimilarityRecorder,
+    _sketch,
     centered_gram,
     cka_matrix,
     count_sketch,
@@ -146,6 +152,12 @@ def test_count_sketch_is_linear_fixed_by_width_and_keeps_narrow_layers_as_they_a
     # E[<Sx, Sy>] = <x, y>: a Gram of sketched rows is close to the exact one.
     exact, sketched = x.flatten(1) @ x.flatten(1).T, whole @ whole.T
     assert torch.allclose(sketched.diagonal(), exact.diagonal(), rtol=0.1)
+    # A ResNet stem's (64, 112, 112) output: p = 802,816 values, kept as two length-p vectors
+    # (bucket, sign), never a p x 4096 matrix (13 GB in float32).
+    stem = randn(2, 64, 112, 112)
+    assert count_sketch(stem).shape == (2, SKETCH_WIDTH)
+    bucket, sign = _sketch(802_816, SKETCH_WIDTH, stem.device)
+    assert bucket.shape == sign.shape == (802_816,) and set(sign.unique().tolist()) == {-1, 1}
 
 
 def test_sketched_cka_is_within_0_02_of_the_exact_on_real_layers(mnist512):
@@ -332,3 +344,52 @@ def test_load_record_refuses_damaged_and_code_carrying_files(tmp_path):
         load_record(path)
     with pytest.raises(FileNotFoundError):
         load_record(tmp_path / "epoch=009.pt")
+
+
+@pytest.mark.slow
+def test_two_ddp_cpu_processes_make_the_same_record_as_one(tmp_path):
+    """Real Lightning DDP (2 CPU processes, all_gather of state()): the inputs split over the
+    ranks, input 0 on both (the sampler's padding); merged, the same Grams as one process."""
+    script = REPO / "tests" / "scripts" / "ddp_similarity.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    saw = {}
+    for devices in (1, 2):
+        run = subprocess.run(
+            [sys.executable, str(script), f"{devices}.pt", "--devices", str(devices)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        # Two ranks' lines may interleave (one's newline after the other's text): count tokens.
+        saw[devices] = sorted(int(k) for k in re.findall(r"saw=(\d+)", run.stdout))
+    assert saw == {1: [50], 2: [25, 26]}  # split over the ranks, input 0 on both
+    one, two = load_record(tmp_path / "1.pt"), load_record(tmp_path / "2.pt")
+    assert one.inputs_sha256 == two.inputs_sha256 and torch.equal(one.indices, two.indices)
+    assert list(one.grams) == list(two.grams) == ["conv1", "conv2"]
+    for layer in one.grams:
+        assert torch.allclose(one.grams[layer], two.grams[layer], rtol=1e-6, atol=1e-6), layer
+
+
+def test_an_unchanged_layer_observed_in_other_batches_has_cka_1_with_itself(mnist512):
+    """What a frozen layer's to_previous reads: the same weights, inputs batched differently
+    (another epoch, another rank split), the sketched conv1 and the exact conv2 -> 1.0."""
+    torch.manual_seed(0)
+    net = SimpleCNN().eval()
+    features = {"conv1": 9216, "conv2": 2048}
+
+    def record(batch_size):
+        recorder = SimilarityRecorder(512, features)
+        for indices in torch.arange(512).split(batch_size):
+            acts = activations(net, mnist512[indices], list(features))
+            recorder.observe_inputs(indices, mnist512[indices])
+            for layer, act in acts.items():
+                recorder.observe(layer, indices, act)
+        return recorder.record()
+
+    first, later = record(64), record(100)
+    assert first.inputs_sha256 == later.inputs_sha256
+    for layer in features:
+        assert linear_cka(first.grams[layer], later.grams[layer]) == pytest.approx(1.0, abs=1e-6)

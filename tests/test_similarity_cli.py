@@ -87,10 +87,7 @@ def test_accepts_the_feature_maps_or_similarity_folder_an_epoch_or_a_step_and_sh
 
 def error_of(capsys, argv):
     """The exit status and the one stderr line of a failing command."""
-    try:
-        status = main(argv)
-    except SystemExit as exit_:  # argparse's own errors
-        status = exit_.code
+    status = main(argv)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     return status, err.strip()
