@@ -230,6 +230,28 @@ def test_a_forward_that_raises_falls_back_instead_of_raising():
     assert reading == Fallback("RuntimeError: no grad here, please", True)
 
 
+def test_layers_run_before_a_forward_raises_are_measured_the_others_fall_back():
+    class BrokenHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.conv(x)
+            if y.requires_grad:
+                raise RuntimeError("head needs no_grad")
+            return self.head(y)
+
+    model = BrokenHead()
+    readings = measure_layouts(
+        model, torch.randn(2, 3, 8, 8), {"conv": model.conv, "head": model.head}
+    )
+    assert readings == {
+        "conv": Measured(shape=(4, 6, 6), channel=1, rows=2, cols=3),
+        "head": Fallback("RuntimeError: head needs no_grad", True),
+    }
+
+
 # ---------------------------------------------------------------------- the model untouched
 
 
@@ -268,6 +290,20 @@ def test_each_call_of_a_shared_module_is_measured_on_its_own():
         "pool": Measured(shape=(4, 8, 12), channel=1, rows=2, cols=3),
         "pool@2": Measured(shape=(4, 4, 6), channel=1, rows=2, cols=3),
     }
+
+
+def test_a_layer_whose_output_is_edited_in_place_later_is_measured_before_the_edit():
+    class ZeroInPlace(nn.Module):
+        """Overwrites its input in place (as ReLU(inplace=True) does, but losing every position)."""
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x.mul_(0).add_(x.mean(dim=(2, 3), keepdim=True).detach())
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ZeroInPlace(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 10, 14)
+    readings = measure_layouts(model, x, {"0": model[0], "2": model[2]})
+    assert readings["0"] == Measured(shape=(4, 8, 12), channel=1, rows=2, cols=3)
+    assert readings["2"] == Fallback("no gradient from the input reaches the output", True)
 
 
 def test_one_channel_maps_and_shapes_never_drawn():
