@@ -18,8 +18,8 @@ row asks about the last element alone) is one cell of their grid, and the grid (
 tiling of the input whose last cell holds that region most sharply (densest inside, against its
 left and upper neighbours); the k = L - h * w tokens before the grid are prefix tokens (CLS,
 registers: no single region). A dim following one axis and no grid: a 1-D sequence. A layer
-whose output the rest of the forward edits in place (an in-place ReLU after it) gets a pass of
-its own that stops at the layer. The input
+whose output (or a tensor its gradient needs) the rest of the forward edits in place (an
+in-place ReLU after it) gets a pass of its own that stops at the layer. The input
 is the probe's first floating-point tensor: (N, C, H, W) and (N, H, W) are images, anything else
 a 1-D signal along its last dim.
 
@@ -173,12 +173,18 @@ def measure_layouts(
             try:
                 if isinstance(y, LayoutError):
                     raise _Undecided(str(y))
-                if y._version != version:  # an in-place op further on (ReLU(inplace=True))
-                    call = int(key.partition("@")[2] or 1)  # changed it: a pass up to the layer
+                try:
+                    if y._version != version:  # edited in place further on (ReLU(inplace=True))
+                        raise _EditedLater
+                    readings[key] = _measure(y, layer, xs, axes)
+                except (_EditedLater, RuntimeError):  # or a tensor its gradient needs was:
+                    call = int(key.partition("@")[2] or 1)  # a pass that stops at the layer
                     y, _ = first_tensor(forward_to(model, layer, inputs, call))
-                readings[key] = _measure(y, layer, xs, axes)
+                    readings[key] = _measure(y, layer, xs, axes)
             except _Undecided as err:
                 readings[key] = Fallback(str(err), image)
+            except Exception as err:  # the model's own forward failed on these rows: never fatal
+                readings[key] = Fallback(f"{type(err).__name__}: {err}", image)
     return readings
 
 
@@ -193,6 +199,10 @@ def measure_layout(model: nn.Module, layer: nn.Module, probe: Any, call: int = 1
 
 class _Undecided(Exception):
     """The measurement ran but cannot decide the layout; the message says why."""
+
+
+class _EditedLater(Exception):
+    """The rest of the forward pass edited the layer's output in place."""
 
 
 def _differentiable_input(probe: Any) -> tuple[Tensor, tuple[int, ...]] | None:

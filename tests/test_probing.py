@@ -317,6 +317,22 @@ def test_a_layer_whose_output_is_edited_in_place_later_is_measured_before_the_ed
     assert readings["2"] == Fallback("no gradient from the input reaches the output", True)
 
 
+def test_a_layer_whose_saved_input_is_edited_in_place_later_is_measured_on_its_own_pass():
+    class EditsInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv0, self.conv1 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.conv0(x)
+            y = self.conv1(h)  # keeps h for its backward
+            return y + h.mul_(2).mean()
+
+    model = EditsInput()
+    readings = measure_layouts(model, torch.randn(2, 3, 10, 14), {"conv1": model.conv1})
+    assert readings == {"conv1": Measured(shape=(2, 8, 12), channel=1, rows=2, cols=3)}
+
+
 def test_one_channel_maps_and_shapes_never_drawn():
     model = nn.Sequential(nn.Identity(), nn.Flatten(0))
     x = torch.randn(2, 1, 12, 16)  # grey images: the channel dim is the one of size 1
