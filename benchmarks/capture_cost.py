@@ -15,9 +15,9 @@ Contenders, interleaved per model (order flipping every round, untimed warm-up f
              selection and statistics) then ``rendering.feature_grid`` for each layer. Logging and
              PNG files are left out (benchmarks/callback_overhead.py times those).
     measure  ``fm_lightning.probing.measure_layouts`` of the same layers: how each output lies on
-             the input, measured once per layer per fit before the first capture (one pass of
-             one probe row to find the calls, then per layer a few rows up to the layer and one
-             backward pass).
+             the input, measured once per layer per fit before the first capture (one forward
+             pass of 4 copies of the first probe image with gradients on, then one backward
+             pass per layer from its output).
 
 Targets, per model: capture / bare <= 2.0, and measure / capture <= 2.0 (medians of the per-round
 ratios; the targets are for CPU).

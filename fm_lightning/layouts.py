@@ -14,16 +14,14 @@ Example::
 dataclasses, HF ``ModelOutput``) is read, named in the note ("[0] of tuple"). With
 ``layout="auto"`` the reading is the one measured on the model (:class:`Measured`, from
 :mod:`fm_lightning.probing`). Where the measurement could not decide (:class:`Fallback`), the
-fallback rules read the shape from the kinds of the modules inside ``module`` (Conv1d: (N, C, L);
-Linear, LayerNorm: (N, L, D) and (N, H, W, C)) and a grid the model states (timm
-``patch_embed.grid_size``, HF ``config.image_size // patch_size``) or a square, and the note
-starts with "fallback (why):". A sequence (a model whose input is not an image) is never folded
-into a grid. (L, N, D) outputs (dim 1 is N and dim 0 is not, or the module says
+rules of :mod:`fm_lightning.fallback_layouts` read it, and the note starts with "fallback
+(why):". (L, N, D) outputs (dim 1 is N and dim 0 is not, or the module says
 ``batch_first=False``) are transposed first.
 
 Explicit layouts force one reading and raise :class:`LayoutError` ("expected X, got Y") when
 the shape cannot be read that way: ``"nchw"`` (N, C, H, W), or (N, C, L) as 1-D maps;
-``"nhwc"`` (N, H, W, C); ``"tokens"`` (N, L, D) on a grid found as above; ``"sequence"``
+``"nhwc"`` (N, H, W, C); ``"tokens"`` (N, L, D) on the grid the model states, or a square
+(:func:`~fm_lightning.fallback_layouts.token_grid`); ``"sequence"``
 (N, L, D) as a 1-D sequence; ``"sequence_first"`` (L, N, ...) transposed, then read as with
 ``"auto"``; ``"features"`` (N, ...) flattened to (N, F). A callable gets the tensor (the first
 one in the output) and must return (N, C, H, W) or (N, F).
@@ -32,12 +30,12 @@ one in the output) and must return (N, C, H, W) or (N, F).
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+
+from fm_lightning.fallback_layouts import fallback_reading, token_grid
 
 __all__ = [
     "LAYOUTS",
@@ -55,41 +53,8 @@ LAYOUTS = ("auto", "nchw", "nhwc", "tokens", "sequence", "sequence_first", "feat
 
 Layout = str | Callable[[Tensor], Tensor]
 
-#: Most prefix tokens (CLS, distillation, registers) guessed when the model does not say.
-MAX_GUESSED_PREFIX = 8
 # How deep output containers are searched for a tensor (LSTM: (out, (h, c)) is depth 2).
 _MAX_DEPTH = 4
-
-# Channels-first layers of any rank (N, C, ...); ranked ones are also told by name below.
-_CHANNELS_FIRST = (
-    nn.modules.conv._ConvNd,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.Upsample,
-)
-# Layers acting on the last dim: their 3-D and 4-D outputs are (N, L, D) and (N, H, W, C).
-_LAST_DIM = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.LayerNorm,
-    nn.RMSNorm,
-    nn.MultiheadAttention,
-    nn.Embedding,
-    nn.modules.rnn.RNNBase,
-)
-# PyTorch and timm name channels-first layers by their spatial rank: Conv1d, BatchNorm1d,
-# Conv2dSame, LayerNorm2d (a channels-first subclass of nn.LayerNorm), SelectAdaptivePool2d.
-_RANK_1D = re.compile(r"1d(?![a-z])")
-_RANK_ND = re.compile(r"[23]d(?![a-z])")
-# Last-dim norms that are not nn.LayerNorm subclasses: timm RmsNorm/SimpleNorm, HF *RMSNorm.
-_NORM_NAME = re.compile(r"(layer|rms|simple)_?norm", re.IGNORECASE)
-# Layer kinds: acts on the last dim; channels-first 1-D (N, C, L); channels-first otherwise.
-_LAST, _CF1, _CF = "last", "channels-first 1-D", "channels-first"
 
 
 class LayoutError(ValueError):
@@ -185,8 +150,8 @@ def interpret(
     Args:
         output: The hooked module's output: a Tensor, or a tuple, list, dict, dataclass or
             HF ``ModelOutput`` holding one (the first tensor is drawn, depth first).
-        module: The module that produced ``output``; its type decides ambiguous shapes.
-        model: The root module, searched (from ``module`` up) for the token grid.
+        module: The module that produced ``output`` (the fallback rules read its kinds).
+        model: The root module, searched (from ``module`` up) by the fallback rules.
         num_rows: The probe size N; the drawn rows must be the N probe inputs.
         layout: ``"auto"`` (see the module docstring), an explicit layout from
             :data:`LAYOUTS`, or a callable. An explicit layout wins over ``reading``.
@@ -224,7 +189,7 @@ def interpret(
         if layout != "auto":
             reader = _READERS[layout]
         else:
-            reader = _auto_reader(x, module, model, image_input)
+            reader = _AUTO_READERS[fallback_reading(x, module, model, image_input)]
         act, note, read_as = reader(x, module, model)
         if layout == "auto" and isinstance(reading, Fallback) and x.dim() > 2:
             note = f"fallback ({reading.reason}): {note or read_as}"
@@ -308,131 +273,6 @@ def _is_sequence_first(x: Tensor, module: nn.Module, num_rows: int) -> bool:
     return x.shape[1] == num_rows and x.shape[0] != num_rows
 
 
-def _auto_reader(x: Tensor, module: nn.Module, model: nn.Module, image_input: bool) -> _Reader:
-    """The fallback rules: the output's shape and the kinds of the modules that made it."""
-    if x.dim() == 2:
-        return _features
-    kinds = _kinds(module, model)
-    if x.dim() == 4:
-        return _nhwc if _output_fmt(module) == "NHWC" or kinds == {_LAST} else _nchw
-    if isinstance(module, nn.modules.rnn.RNNBase):
-        return _sequence
-    # (N, C, L) needs 1-D layers: a Conv2d-made 3-D output is flattened patches (timm PatchEmbed)
-    if _CF1 in kinds and _LAST not in kinds:
-        return _nchw
-    return _tokens_or_sequence if image_input else _sequence
-
-
-def _output_fmt(module: nn.Module) -> str:
-    """timm's PatchEmbed (``dynamic_img_size=True``) states its layout: Format.NHWC."""
-    fmt = getattr(module, "output_fmt", "")
-    return str(getattr(fmt, "value", fmt)).upper()
-
-
-def _kinds(module: nn.Module, model: nn.Module) -> set[str]:
-    """The layer kinds that decide ``module``'s output layout; empty when nothing is known.
-
-    A known layer answers for itself; a container by the kinds of its known layers (timm
-    ``Mlp``: Linear only); an element-wise module (GELU, Dropout, Identity, LayerScale) by
-    the nearest enclosing module that has known layers (timm ``Mlp.act``).
-    """
-    own = _layer_kind(module)
-    if own is not None:
-        return {own}
-    for scope in [module, *_ancestors(module, model)]:
-        kinds = {_layer_kind(m) for m in scope.modules() if m is not module} - {None}
-        if kinds:
-            return kinds
-    return set()
-
-
-def _layer_kind(module: nn.Module) -> str | None:
-    """What one layer's type says about its output layout, or None (element-wise, unknown)."""
-    name = type(module).__name__
-    if _RANK_1D.search(name):
-        return _CF1
-    if _RANK_ND.search(name) or getattr(module, "data_format", None) == "channels_first":
-        return _CF  # the second: HF ConvNextLayerNorm
-    if isinstance(module, _CHANNELS_FIRST):
-        return _CF
-    if isinstance(module, _LAST_DIM) or _NORM_NAME.search(name):
-        return _LAST
-    return None
-
-
-def _ancestors(module: nn.Module, model: nn.Module) -> list[nn.Module]:
-    """The modules enclosing ``module`` in ``model``, nearest first, ``model`` last."""
-    name = next((n for n, m in model.named_modules() if m is module), None)
-    if name is None:
-        return [] if module is model else [model]
-    parts = name.split(".") if name else []
-    return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, -1, -1)]
-
-
-# -------------------------------------------------------------------------------- token grids
-
-
-def _token_grid(length: int, module: nn.Module, model: nn.Module) -> tuple[int, int, int, str]:
-    """(h, w, k, how) with length == k + h * w, the k prefix tokens first; LayoutError if none.
-
-    The model's grid wins where one encloses ``module``; else a square after the model's
-    stated prefix count; else the smallest k in 0..MAX_GUESSED_PREFIX leaving a square.
-    """
-    stated = None
-    for owner in [module, *_ancestors(module, model)]:
-        grid, prefix = _stated_grid(owner)
-        stated = stated if stated is not None else prefix
-        if grid is None:
-            continue
-        h, w = grid
-        k = length - h * w
-        if 0 <= k <= max(MAX_GUESSED_PREFIX, prefix or 0):
-            return h, w, k, ""
-    tries = [stated] if stated is not None else range(MAX_GUESSED_PREFIX + 1)
-    for k in tries:
-        side = math.isqrt(max(length - k, 0))
-        if side >= 2 and side * side == length - k:
-            return side, side, k, " (square grid guessed)"
-    if stated is None:
-        wanted = f"k <= {MAX_GUESSED_PREFIX} prefix tokens + an h x w grid (the model's or square)"
-    else:
-        wanted = f"the model's {stated} prefix tokens + a square grid"
-    raise LayoutError(
-        f"expected L = {wanted}, got L = {length}; give this layer the layout 'sequence' or a "
-        "function returning (N, C, H, W)"
-    )
-
-
-def _stated_grid(module: nn.Module) -> tuple[tuple[int, int] | None, int | None]:
-    """The patch grid and prefix count a module states: timm ViTs, HF-style configs."""
-    prefix = getattr(module, "num_prefix_tokens", None)
-    prefix = prefix if isinstance(prefix, int) else None
-    grid = getattr(getattr(module, "patch_embed", None), "grid_size", None)
-    if _is_pair(grid):
-        return (int(grid[0]), int(grid[1])), prefix
-    config = getattr(module, "config", None)
-    image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
-    if image is not None and patch is not None:
-        image, patch = _pair(image), _pair(patch)
-        if image and patch and all(p > 0 for p in patch):
-            return (image[0] // patch[0], image[1] // patch[1]), prefix
-    return None, prefix
-
-
-def _pair(value: object) -> tuple[int, int] | None:
-    if isinstance(value, int):
-        return value, value
-    return (int(value[0]), int(value[1])) if _is_pair(value) else None
-
-
-def _is_pair(value: object) -> bool:
-    return (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, int) for v in value)
-    )
-
-
 # ------------------------------------------------------------------------------------ readers
 
 
@@ -480,7 +320,10 @@ def _tokens(x: Tensor, module: nn.Module, model: nn.Module) -> tuple[Tensor, str
     if x.dim() != 3:
         raise LayoutError(f"expected (N, L, D) for 'tokens', got shape {tuple(x.shape)}")
     _, length, d = x.shape
-    h, w, k, how = _token_grid(length, module, model)
+    try:
+        h, w, k, how = token_grid(length, module, model)
+    except ValueError as err:
+        raise LayoutError(str(err)) from None
     act = x[:, k:].unflatten(1, (h, w)).permute(0, 3, 1, 2)  # (N, L, D) -> (N, D, h, w)
     prefix = f" +{k} prefix" if k else ""
     return act, f"tokens {h}x{w}{prefix}{how}, {d} channels", "tokens"
@@ -541,3 +384,4 @@ _READERS: dict[str, _Reader] = {
     "sequence": _sequence,
     "features": _features,
 }
+_AUTO_READERS: dict[str, _Reader] = {**_READERS, "tokens_or_sequence": _tokens_or_sequence}

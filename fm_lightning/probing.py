@@ -4,19 +4,22 @@
     readings["blocks.3"]    # Measured(shape=(197, 192), channel=2, cols=1, tokens=(1, 14, 14))
     output = forward_to(model, layer, x)  # under gradients_on(model): a graph from x to output
 
-How a layout is measured. A few copies of the probe's first input go through the model up to the
-layer (eval mode, gradients on: batch statistics would mix the rows; attention does not), and one
-backward pass asks one question per row: the input gradient of a random mix of one part of the
-output. For each output dim two parts are asked about, its first and its last quarter. Along a
-spatial dim the input region they depend on moves across the input (the centroid of the
+How a layout is measured. Four copies of the probe's first input (:data:`ROWS`) go through the
+model once, for all layers (eval mode, gradients on: batch statistics would mix the rows;
+attention does not), then one backward pass per layer from its output asks one question per
+row: the input gradient of a random mix of one part of the output. Row 0 asks about the first
+quarter along every dim at once, row 1 + i about the same part moved to the last quarter along
+the i-th dim. Along a spatial dim the input region moves across the input (the centroid of the
 gradient's magnitude moves by at least :data:`MIN_SHIFT` of the input's height or width); along
-the channel dim it does not (a quarter of the channels depends on the whole field). Each input
+the channel dim it does not (a quarter of the channels depends on the same field). Each input
 axis is followed by the dim that moves furthest along it. A dim following the height of an
-image in an (N, L, D) output holds tokens, row by row: the last token's own region (a further
+image in an (N, L, D) output holds tokens, row by row: the last token's own region (the last
 row asks about the last element alone) is one cell of their grid, and the grid (h, w) is the
 tiling of the input whose last cell holds that region most sharply (densest inside, against its
 left and upper neighbours); the k = L - h * w tokens before the grid are prefix tokens (CLS,
-registers: no single region). A dim following one axis and no grid: a 1-D sequence. The input
+registers: no single region). A dim following one axis and no grid: a 1-D sequence. A layer
+whose output (or a tensor its gradient needs) the rest of the forward edits in place (an
+in-place ReLU after it) gets a pass of its own that stops at the layer. The input
 is the probe's first floating-point tensor: (N, C, H, W) and (N, H, W) are images, anything else
 a 1-D signal along its last dim.
 
@@ -43,6 +46,7 @@ from fm_lightning.layouts import Fallback, LayoutError, Measured, batch_first, f
 
 __all__ = [
     "MIN_SHIFT",
+    "ROWS",
     "Reading",
     "forward_to",
     "gradients_on",
@@ -50,14 +54,20 @@ __all__ = [
     "measure_layouts",
 ]
 
-#: How far (as a fraction of the axis) the input region of an output dim's last quarter must lie
-#: beyond its first quarter's along an input axis for the dim to follow that axis. Measured
-#: (tests/test_layouts_models.py models): positions move 0.25 (MaxVit grid attention, 8 x 8) to
-#: 0.85 (resnet50 layer4); quarters of channels at most 0.06.
-MIN_SHIFT = 0.2
+#: How far (as a fraction of the axis) the input region of an output part moved to a dim's last
+#: quarter must lie beyond the part's own (the first quarter along every dim) for the dim to
+#: follow that axis. Measured (the models of tests/test_probing.py, test_layouts_models.py and
+#: test_timm_dropin.py): positions move 0.16 (MaxVit grid attention, 8 x 8: each position
+#: attends to others half the map away) to 0.74, most >= 0.4; channels at most 0.07 (MaxVit
+#: with 6 seeds: 0.16 and 0.07 at worst). Tokens in rows of 3 move along the width too, up to
+#: 0.16: an (N, L, D) output following the height is tried as tokens first.
+MIN_SHIFT = 0.12
 # A token grid is accepted when its last cell is at least this much denser than its neighbours
 # (relative to the cell's own density).
 _MIN_CONTRAST = 0.25
+#: Rows in the measuring pass: the most questions one output needs (4-D: a part and that part
+#: moved along each of the 3 dims; 3-D tokens: 3, and the last element).
+ROWS = 4
 _SEED = 0
 _SLAB = 4  # a dim's first and last quarter are asked about
 
@@ -113,55 +123,86 @@ def measure_layouts(
     modules: Mapping[str, nn.Module],
     known: Mapping[str, Reading] | None = None,
 ) -> dict[str, Reading]:
-    """:func:`measure_layout` of every call of ``modules`` not in ``known``, keyed as
+    """How every call of ``modules`` not in ``known`` lays out its output, keyed as
     :func:`fm_lightning.capture.forward_hooks` names them (``pool``, ``pool@2``).
 
-    One forward pass of one probe row, without gradients, finds which modules run how often.
-    """
-    calls: dict[str, tuple[str, int]] = {}
-
-    def record(key: str, module: nn.Module, output: object) -> None:
-        name, _, call = key.partition("@")
-        calls[key] = (name, int(call or 1))
-
-    one_row = apply_to_collection(probe, Tensor, lambda t: t[:1].clone())
-    with eval_mode(model), forward_hooks(modules, record), torch.no_grad():
-        with torch.compiler.set_stance("force_eager"):
-            call_model(model, one_row)
-    return {
-        key: measure_layout(model, modules[name], probe, call)
-        for key, (name, call) in calls.items()
-        if key not in (known or {})
-    }
-
-
-def measure_layout(model: nn.Module, layer: nn.Module, probe: Any, call: int = 1) -> Reading:
-    """How ``layer``'s output is laid out on ``model``'s input, measured on ``probe``.
+    One forward pass of :data:`ROWS` copies of the probe's first input, hooks on ``modules``,
+    then one backward pass per call from its output to the input (see the module docstring).
 
     Args:
         model: The model (unwrapped) whose forward takes ``probe``.
-        layer: A submodule of ``model``.
         probe: The probe as the model takes it (Tensor, tuple or dict of (N, ...) tensors).
-        call: Which call of ``layer`` in one forward pass (a shared pool runs twice).
+        modules: ``{name: submodule of model}``.
+        known: Readings already taken; their keys are not measured again.
 
     Returns:
-        :class:`Measured`; :class:`Fallback` saying why the measurement cannot decide (a
-        forward that raises gives one too: it never raises); None for (N, F) features.
+        Per call: :class:`Measured`; :class:`Fallback` saying why the measurement cannot decide
+        (a forward that raises gives one to each module it did not reach: this never raises);
+        None for (N, F) features.
     """
+    known = known or {}
     found = _differentiable_input(probe)
-    if found is None:
-        return Fallback("no floating-point input to take gradients from", image_input=False)
-    x, axes = found
-    try:
-        return _measure(model, layer, probe, x, axes, call)
-    except _Undecided as err:
-        return Fallback(str(err), image_input=len(axes) == 2)
-    except Exception as err:  # the model's own forward failed on these rows: never fatal
-        return Fallback(f"{type(err).__name__}: {err}", image_input=len(axes) == 2)
+    x, axes = found if found is not None else (None, ())
+    image = len(axes) == 2
+    outputs: dict[str, tuple[nn.Module, Tensor | LayoutError, int]] = {}
+
+    def record(key: str, module: nn.Module, output: object) -> None:
+        try:
+            y, _ = first_tensor(output)
+        except LayoutError as err:
+            outputs[key] = (module, err, 0)
+        else:  # its version tells whether the rest of the forward edits it in place
+            outputs[key] = (module, y, y._version)
+
+    readings: dict[str, Reading] = {}
+    with gradients_on(model):  # the rows are made here: not inference tensors
+        xs = _first_rows(x).requires_grad_(True) if x is not None else None
+        inputs = apply_to_collection(probe, Tensor, lambda t: xs if t is x else _first_rows(t))
+        try:
+            with forward_hooks(modules, record), torch.compiler.set_stance("force_eager"):
+                call_model(model, inputs)  # eagerly: compiled code would skip the hooks
+        except Exception as err:  # the model's own forward failed on these rows: never fatal
+            why = f"{type(err).__name__}: {err}"
+            readings = {name: Fallback(why, image) for name in modules if name not in known}
+        for key, (layer, y, version) in outputs.items():
+            if key in known:
+                continue
+            if xs is None:
+                readings[key] = Fallback("no floating-point input to take gradients from", False)
+                continue
+            try:
+                if isinstance(y, LayoutError):
+                    raise _Undecided(str(y))
+                try:
+                    if y._version != version:  # edited in place further on (ReLU(inplace=True))
+                        raise _EditedLater
+                    readings[key] = _measure(y, layer, xs, axes)
+                except (_EditedLater, RuntimeError):  # or a tensor its gradient needs was:
+                    call = int(key.partition("@")[2] or 1)  # a pass that stops at the layer
+                    y, _ = first_tensor(forward_to(model, layer, inputs, call))
+                    readings[key] = _measure(y, layer, xs, axes)
+            except _Undecided as err:
+                readings[key] = Fallback(str(err), image)
+            except Exception as err:  # the model's own forward failed on these rows: never fatal
+                readings[key] = Fallback(f"{type(err).__name__}: {err}", image)
+    return readings
+
+
+def measure_layout(model: nn.Module, layer: nn.Module, probe: Any, call: int = 1) -> Reading:
+    """:func:`measure_layouts` of one layer's ``call``-th call in a forward pass (a shared pool
+    runs twice); a :class:`Fallback` if it does not run that often."""
+    readings = measure_layouts(model, probe, {"layer": layer})
+    key = "layer" if call == 1 else f"layer@{call}"
+    calls = len(readings)
+    return readings.get(key, Fallback(f"expected the layer to run {call} time(s), got {calls}"))
 
 
 class _Undecided(Exception):
     """The measurement ran but cannot decide the layout; the message says why."""
+
+
+class _EditedLater(Exception):
+    """The rest of the forward pass edited the layer's output in place."""
 
 
 def _differentiable_input(probe: Any) -> tuple[Tensor, tuple[int, ...]] | None:
@@ -176,96 +217,72 @@ def _differentiable_input(probe: Any) -> tuple[Tensor, tuple[int, ...]] | None:
     return x, (x.dim() - 1,)  # a 1-D signal: (N, T), (N, C, T)
 
 
-def _measure(
-    model: nn.Module, layer: nn.Module, probe: Any, x: Tensor, axes: tuple[int, ...], call: int
-) -> Measured | None:
-    # Probe the shape once with one row, then ask one question per output dim, one row each.
-    with gradients_on(model):
-        with torch.no_grad():  # the shape of one row only
-            y = _output(model, layer, probe, x, 1, call)
-        if y is None:
-            return None  # (N, F) features, or a shape never drawn: nothing to place
-        dims = [d for d in range(1, y.dim()) if y.shape[d] > 1]
-        if not dims:
-            raise _Undecided("the output has no dim longer than 1")
-        # Two rows per dim: the input regions of its first and of its last quarter (a quarter of
-        # the channels averages out what single channels prefer); for tokens of an image, one
-        # more: the region of the last position alone (the last element), a cell of their grid.
-        questions = []
-        for d in dims:
-            span = max(1, y.shape[d] // _SLAB)
-            questions += [(slice(0, span),), (slice(y.shape[d] - span, None),)]
-            questions[-2:] = [(slice(None),) * (d - 1) + q for q in questions[-2:]]
-        if y.dim() == 3 and len(axes) == 2:
-            questions.append((-1, -1))
-        xs, y = _output(model, layer, probe, x, len(questions), call, keep_input=True)
-        if not y.requires_grad:  # detached, computed under no_grad, or from integer ids only
-            raise _Undecided("no gradient from the input reaches the output")
-        gen = torch.Generator(device=y.device).manual_seed(_SEED)
-        cotangent = torch.zeros_like(y)
-        for row, where in enumerate(questions):  # a random mix of the asked part of the output
-            piece = cotangent[row][where]
-            noise = torch.randn(piece.shape, generator=gen, device=y.device, dtype=y.dtype)
-            cotangent[row][where] = noise
-        (grad,) = torch.autograd.grad(y, xs, cotangent, allow_unused=True)
+def _first_rows(t: Tensor) -> Tensor:
+    """ROWS copies of ``t``'s first row: (ROWS, ...)."""
+    return t[:1].detach().expand(ROWS, *t.shape[1:]).clone()
+
+
+def _measure(y: Tensor, layer: nn.Module, xs: Tensor, axes: tuple[int, ...]) -> Measured | None:
+    """The reading of ``layer``'s output ``y`` (ROWS rows), from its gradients with respect to
+    ``xs``; None for outputs that are not 3-D or 4-D ((N, F) features, never drawn)."""
+    if not 3 <= y.dim() <= 4:
+        return None
+    try:
+        y, _ = batch_first(y, layer, ROWS)
+    except LayoutError as err:
+        raise _Undecided(str(err)) from None
+    if y.shape[0] != ROWS:
+        raise _Undecided(f"expected the output's leading dim to be the batch, got {tuple(y.shape)}")
+    dims = [d for d in range(1, y.dim()) if y.shape[d] > 1]
+    if not dims:
+        raise _Undecided("the output has no dim longer than 1")
+    if not y.requires_grad:  # detached, computed under no_grad, or from integer ids only
+        raise _Undecided("no gradient from the input reaches the output")
+    # Row 0 asks about the first quarter along every dim, row 1 + i the same part moved to the
+    # last quarter along dims[i] (a quarter of the channels averages out what single channels
+    # prefer); for tokens of an image, row 3 asks about the last element alone: a grid cell.
+    first = [slice(0, max(1, n // _SLAB)) for n in y.shape[1:]]
+    questions = [tuple(first)]
+    for d in dims:
+        moved = list(first)
+        moved[d - 1] = slice(y.shape[d] - max(1, y.shape[d] // _SLAB), None)
+        questions.append(tuple(moved))
+    if y.dim() == 3 and len(axes) == 2:
+        questions.append((-1, -1))
+    gen = torch.Generator(device=y.device).manual_seed(_SEED)
+    cotangent = torch.zeros_like(y)
+    for row, where in enumerate(questions):  # a random mix of the asked part of the output
+        piece = cotangent[row][where]
+        noise = torch.randn(piece.shape, generator=gen, device=y.device, dtype=y.dtype)
+        cotangent[row][where] = noise
+    (grad,) = torch.autograd.grad(y, xs, cotangent, retain_graph=True, allow_unused=True)
     if grad is None or not grad.any():
         raise _Undecided("no gradient from the input reaches the output")
-    # (rows, *positions): |gradient| summed over the input's non-positional dims
+    # (ROWS, *positions): |gradient| summed over the input's non-positional dims
     other = [d for d in range(1, grad.dim()) if d not in axes]
     mass = grad.detach().float().abs().sum(dim=other) if other else grad.detach().float().abs()
     follows = _follows(mass, dims)
     return _reading(y.shape[1:], dims, follows, mass, image=len(axes) == 2)
 
 
-def _output(
-    model: nn.Module,
-    layer: nn.Module,
-    probe: Any,
-    x: Tensor,
-    rows: int,
-    call: int,
-    keep_input: bool = False,
-):
-    """The layer's batch-first first tensor for ``rows`` copies of the probe's first input.
-
-    None when it is not 3-D or 4-D: (N, F) features, or a shape that is never drawn.
-    """
-
-    def first_rows(t: Tensor) -> Tensor:
-        return t[:1].expand(rows, *t.shape[1:]).clone()
-
-    xs = first_rows(x).requires_grad_(True)
-    inputs = apply_to_collection(probe, Tensor, lambda t: xs if t is x else first_rows(t))
-    output = forward_to(model, layer, inputs, call)
-    try:
-        y, _ = first_tensor(output)
-    except LayoutError as err:
-        raise _Undecided(str(err)) from None
-    if not 3 <= y.dim() <= 4:
-        return None
-    y, _ = batch_first(y, layer, rows)
-    if y.shape[0] != rows:
-        raise _Undecided(f"expected the output's leading dim to be the batch, got {tuple(y.shape)}")
-    return (xs, y) if keep_input else y
-
-
 def _follows(mass: Tensor, dims: list[int]) -> dict[int, set[int]]:
     """{output dim: the input axes (0: first positional axis, ...) along which it moves}.
 
-    ``mass``: (rows, *positions), rows 2i and 2i + 1 the input regions of dims[i]'s first and
-    last quarter. Each axis is followed by the dim whose region moves furthest along it, if that
-    is at least MIN_SHIFT. A quarter without any gradient (dead channels) places nothing.
+    ``mass``: (ROWS, *positions), row 0 the input region of the output's first quarter along
+    every dim, row 1 + i that of the same part moved to dims[i]'s last quarter. Each axis is
+    followed by the dim whose region moves furthest along it, if that is at least MIN_SHIFT. A
+    part without any gradient (dead channels) places nothing.
     """
-    total = mass.flatten(1).sum(1)  # (rows,)
+    total = mass.flatten(1).sum(1)  # (ROWS,)
     follows: dict[int, set[int]] = {d: set() for d in dims}
     for axis in range(1, mass.dim()):
         other = [a for a in range(1, mass.dim()) if a != axis]
-        profile = mass.sum(dim=other) if other else mass  # (rows, n)
+        profile = mass.sum(dim=other) if other else mass  # (ROWS, n)
         n = profile.shape[1]
         where = torch.arange(n, dtype=profile.dtype, device=profile.device) / max(n - 1, 1)
-        centroid = (profile * where).sum(1) / total.clamp_min(1e-30)  # (rows,) in [0, 1]
+        centroid = (profile * where).sum(1) / total.clamp_min(1e-30)  # (ROWS,) in [0, 1]
         moved = [
-            float(centroid[2 * i + 1] - centroid[2 * i]) if total[2 * i : 2 * i + 2].all() else 0.0
+            float(centroid[1 + i] - centroid[0]) if total[0] and total[1 + i] else 0.0
             for i in range(len(dims))
         ]
         best = max(range(len(dims)), key=moved.__getitem__)  # one dim per axis: the one moving most
@@ -299,16 +316,17 @@ def _reading(
         if len(ones) == 2:
             return Measured(shape=tuple(shape), channel=channel, rows=ones[0], cols=ones[1])
         return Measured(shape=tuple(shape), channel=channel, rows=None, cols=ones[0])
+    if image and len(spatial) == 1 and len(shape) == 2:
+        # (N, L, D) following an image's height (and, by a row's part, its width): tokens, row
+        # by row, if the last token's region is one cell of a grid (the region of the last
+        # element, asked about last); else 1-D.
+        (dim,) = spatial
+        grid = _token_grid(mass[len(dims) + 1], shape[dim - 1])
+        if grid is not None:
+            return Measured(shape=tuple(shape), channel=channel, rows=None, cols=dim, tokens=grid)
     both = [d for d in spatial if len(follows[d]) == 2]
     if both:
         raise _Undecided(f"expected one output dim per input axis, got {found}")
-    if image and len(spatial) == 1 and len(shape) == 2:
-        # (N, L, D) along one axis of an image: tokens, row by row, if the last token's region
-        # is one cell of a grid (its last element's region, asked about last); else 1-D.
-        (dim,) = spatial
-        grid = _token_grid(mass[-1], shape[dim - 1])
-        if grid is not None:
-            return Measured(shape=tuple(shape), channel=channel, rows=None, cols=dim, tokens=grid)
     by_axis: dict[int, int] = {}
     for d in spatial:
         (axis,) = follows[d]

@@ -94,7 +94,7 @@ class UserModes(ImageClassifier):
         self.measuring_passes = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(x) not in (4, 8):  # the layout measurement's rows (1, 6), not a probe or batch
+        if len(x) > 1 and bool((x == x[:1]).all()):  # the layout measurement: copies of one row
             self.measuring_passes += 1
             return super().forward(x)
         self.forwards.append(
@@ -230,7 +230,7 @@ def test_grads_weights_and_optimizer_untouched_by_a_capture_mid_accumulation(tmp
     ]
     assert [f for f in model.forwards if _is_cam_pass(f)] == [ORDINARY_WITH_GRAD] * 3
     # conv1 and conv2: one pass finding the calls, then a shape pass and a question pass each
-    assert model.measuring_passes == 5  # once per fit, not per captured epoch
+    assert model.measuring_passes == 1  # once per fit (both layers), not per captured epoch
     mid = before.states[-1]
     assert all(g is not None for g in mid.grads.values())  # half a step's gradients, pending
     for b, a in zip(before.states, after.states, strict=True):

@@ -107,6 +107,17 @@ def test_non_square_token_grids_come_from_the_model(size, grid):
     assert torch.equal(act, on_grid(output_of(model, "block", x), 1, *grid))
 
 
+def test_tokens_whose_short_rows_also_move_along_the_width_are_still_a_grid():
+    # 3 tokens a row: the last quarter of the tokens ends a row further right than the first
+    # starts, so the token dim moves along the width too (0.157 of it with this seed).
+    torch.manual_seed(5)
+    model = TinyViT(prefix=1)
+    x = torch.randn(2, 3, 36, 12)
+    reading, act, _ = read(model, "block", x)
+    assert reading.tokens == (1, 9, 3)
+    assert torch.equal(act, on_grid(output_of(model, "block", x), 1, 9, 3))
+
+
 def test_a_1d_signal_is_drawn_as_strips_along_time():
     model = nn.Sequential(nn.Conv1d(2, 6, 5, stride=2), nn.ReLU(), nn.Conv1d(6, 4, 3))
     x = torch.randn(2, 2, 100)
@@ -230,6 +241,28 @@ def test_a_forward_that_raises_falls_back_instead_of_raising():
     assert reading == Fallback("RuntimeError: no grad here, please", True)
 
 
+def test_layers_run_before_a_forward_raises_are_measured_the_others_fall_back():
+    class BrokenHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.conv(x)
+            if y.requires_grad:
+                raise RuntimeError("head needs no_grad")
+            return self.head(y)
+
+    model = BrokenHead()
+    readings = measure_layouts(
+        model, torch.randn(2, 3, 8, 8), {"conv": model.conv, "head": model.head}
+    )
+    assert readings == {
+        "conv": Measured(shape=(4, 6, 6), channel=1, rows=2, cols=3),
+        "head": Fallback("RuntimeError: head needs no_grad", True),
+    }
+
+
 # ---------------------------------------------------------------------- the model untouched
 
 
@@ -268,6 +301,36 @@ def test_each_call_of_a_shared_module_is_measured_on_its_own():
         "pool": Measured(shape=(4, 8, 12), channel=1, rows=2, cols=3),
         "pool@2": Measured(shape=(4, 4, 6), channel=1, rows=2, cols=3),
     }
+
+
+def test_a_layer_whose_output_is_edited_in_place_later_is_measured_before_the_edit():
+    class ZeroInPlace(nn.Module):
+        """Overwrites its input in place (as ReLU(inplace=True) does, but losing every position)."""
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x.mul_(0).add_(x.mean(dim=(2, 3), keepdim=True).detach())
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ZeroInPlace(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 10, 14)
+    readings = measure_layouts(model, x, {"0": model[0], "2": model[2]})
+    assert readings["0"] == Measured(shape=(4, 8, 12), channel=1, rows=2, cols=3)
+    assert readings["2"] == Fallback("no gradient from the input reaches the output", True)
+
+
+def test_a_layer_whose_saved_input_is_edited_in_place_later_is_measured_on_its_own_pass():
+    class EditsInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv0, self.conv1 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.conv0(x)
+            y = self.conv1(h)  # keeps h for its backward
+            return y + h.mul_(2).mean()
+
+    model = EditsInput()
+    readings = measure_layouts(model, torch.randn(2, 3, 10, 14), {"conv1": model.conv1})
+    assert readings == {"conv1": Measured(shape=(2, 8, 12), channel=1, rows=2, cols=3)}
 
 
 def test_one_channel_maps_and_shapes_never_drawn():

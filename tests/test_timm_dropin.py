@@ -23,6 +23,8 @@ from PIL import Image
 from fm_lightning import FeatureMapCallback, ImageClassifier, callbacks, publishing, rendering
 from fm_lightning.capture import capture, resolve_layers
 from fm_lightning.files import safe_path_part
+from fm_lightning.layouts import Fallback
+from fm_lightning.probing import measure_layouts
 
 NUM_IMAGES = 4  # the callback's default probe size
 
@@ -87,10 +89,14 @@ def _tiles(png: np.ndarray, n: int, c: int, h: int, w: int) -> np.ndarray:
 
 
 def _expected_pngs(model, cb, layers, max_channels: int = 32, draw=rendering.feature_picture):
-    """What the trained model's maps of ``layers`` look like, captured and drawn afresh: the
-    labelled pictures, or with ``draw=rendering.feature_grid`` their grids (the pictures' top-left
-    block under the channel numbers, as tests/test_rendering.py checks)."""
-    captured, _ = capture(model, cb.probe, resolve_layers(model, layers), max_channels=max_channels)
+    """What the trained model's maps of ``layers`` look like, captured and drawn afresh, read as
+    measured on the model: the labelled pictures, or with ``draw=rendering.feature_grid`` their
+    grids (the pictures' top-left block under the channel numbers, as tests/test_rendering.py
+    checks)."""
+    modules = resolve_layers(model, layers)
+    readings = measure_layouts(model, cb.probe, modules)
+    assert not any(isinstance(r, Fallback) for r in readings.values()), readings
+    captured, _ = capture(model, cb.probe, modules, max_channels=max_channels, readings=readings)
     return {layer: draw(cap.act, channels=cap.channels).numpy() for layer, cap in captured.items()}
 
 
