@@ -580,7 +580,7 @@ def test_similarity_panel_plots_a_line_per_layer_and_its_heatmap_follows_the_sli
     ]
     # One line per layer in each plot (dead has no values, so no line), distinct colours.
     assert len(state["lines"]) == 6 and len(set(state["lines"][:3])) == 3
-    assert state["legends"][0] == "conv1 0.999conv2 0.97dead n/a"
+    assert state["legends"][0] == "conv1 0.99900conv2 0.97000dead n/a"
     assert "NaN" not in state["body"] and "nan" not in state["body"]
     # The heatmap is the last row, after the layers, drawn at its own size.
     sections = page.eval_on_selector_all(".layer", "els => els.map(e => e.id || 'layer')")
@@ -598,7 +598,7 @@ def test_similarity_panel_plots_a_line_per_layer_and_its_heatmap_follows_the_sli
     page.keyboard.press("ArrowRight")
     state = similarity_state(page)
     assert state["src"] == "similarity/epoch%3D001.png"
-    assert state["legends"][0] == "conv1 0.95conv2 0.8dead n/a"
-    assert state["legends"][1] == "conv1 0.85conv2 0.7dead n/a"
+    assert state["legends"][0] == "conv1 0.95000conv2 0.80000dead n/a"
+    assert state["legends"][1] == "conv1 0.85000conv2 0.70000dead n/a"
     page.wait_for_function(ALL_IMAGES_LOADED)
     assert page.errors == []

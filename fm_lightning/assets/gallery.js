@@ -34,6 +34,8 @@
   function fmt(v, spec) {
     if (v === null || v === undefined) return spec.missing || "\u2013";
     if (spec.fraction) return (100 * v).toFixed(1) + "%";
+    // Fixed decimals where values crowd near 1 (CKA 0.99996 is not 1): the digits that differ.
+    if (spec.decimals) return v.toFixed(spec.decimals);
     return Number(v.toPrecision(spec.precision || 3)).toString();
   }
   // Integer zoom, as large as the box allows, so pixelated maps keep square pixels (max-width
@@ -211,7 +213,7 @@
     var colors = S.layers.map(function (_, k) { return PALETTE[k % PALETTE.length]; });
     var plots = SIMILARITY.map(function (kind) {
       return panel(S.series[kind.key], {keys: S.layers, colors: colors, fraction: false,
-        nearOne: true, precision: 4, missing: "n/a", title: kind.title});
+        nearOne: true, decimals: 5, missing: "n/a", title: kind.title});
     }).filter(Boolean);
     if (plots.length) {
       var column = el("div", {"class": "plots"});
