@@ -69,7 +69,7 @@ def test_every_captured_epoch_keeps_the_grams_draws_the_matrix_and_logs_each_lay
     assert sorted(os.listdir(root)) == sorted(f"{s}.{ext}" for s in stems for ext in ("png", "pt"))
 
     # the kept Grams are the model's own on the first N validation inputs, in dataset order
-    # (conv1's 18,432 values per input count-sketched to 4,096, as fm_lightning.cka documents)
+    # (conv1's 9,216 values per input count-sketched to 4,096, as fm_lightning.cka documents)
     raw = torch.load(root / "epoch=002.pt", weights_only=True)
     assert set(raw) == {"indices", "inputs_sha256", "grams"}
     records = [load_record(root / f"{s}.pt") for s in stems]
