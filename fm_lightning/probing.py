@@ -137,8 +137,12 @@ def measure_layouts(
 
     Returns:
         Per call: :class:`Measured`; :class:`Fallback` saying why the measurement cannot decide
-        (a forward that raises gives one to each module it did not reach: this never raises);
-        None for (N, F) features.
+        (a forward that raises on the measuring rows gives one to each module it did not
+        reach); None for (N, F) features.
+
+    Raises:
+        Exception: Whatever the model's forward raises on the probe's first row without
+            gradients too: it cannot run the probe at all (the caller's failure policy decides).
     """
     known = known or {}
     found = _differentiable_input(probe)
@@ -161,7 +165,8 @@ def measure_layouts(
         try:
             with forward_hooks(modules, record), torch.compiler.set_stance("force_eager"):
                 call_model(model, inputs)  # eagerly: compiled code would skip the hooks
-        except Exception as err:  # the model's own forward failed on these rows: never fatal
+        except Exception as err:  # the model's forward failed on the measuring rows
+            _plain_forward(model, probe)  # raises if it fails without gradients as well
             why = f"{type(err).__name__}: {err}"
             readings = {name: Fallback(why, image) for name in modules if name not in known}
         for key, (layer, y, version) in outputs.items():
@@ -195,6 +200,13 @@ def measure_layout(model: nn.Module, layer: nn.Module, probe: Any, call: int = 1
     key = "layer" if call == 1 else f"layer@{call}"
     calls = len(readings)
     return readings.get(key, Fallback(f"expected the layer to run {call} time(s), got {calls}"))
+
+
+def _plain_forward(model: nn.Module, probe: Any) -> None:
+    """The model on the probe's first row, without gradients, as a capture runs it."""
+    one_row = apply_to_collection(probe, Tensor, lambda t: t[:1].clone())
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        call_model(model, one_row)
 
 
 class _Undecided(Exception):
