@@ -428,11 +428,13 @@ class ExampleStream:
     @contextmanager
     def _hooked(self, inputs: Tensor, indices: Tensor) -> Iterator[None]:
         live = {}
+        # The first validation: no probe was measured yet. One measuring pass for all layers.
+        unread = {n: m for n, m in self.modules.items() if n not in self.readings}
+        if unread:
+            self.readings.update(measure_layouts(self.model, inputs, unread))
         for name, module in self.modules.items():
             if name in self.errors:
                 continue
-            if name not in self.readings:  # the first validation: no probe was measured yet
-                self.readings.update(measure_layouts(self.model, inputs, {name: module}))
             if name not in self.fields:
                 # A few inputs (and their noisy copies) find the field as well as a whole batch,
                 # in the model's own dtype (bf16-true, 16-true), or as floats for integer inputs.
