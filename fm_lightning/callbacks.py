@@ -20,6 +20,10 @@ layer's output read as its measured layout says, ``fm_lightning.probing``), and 
 every kind draw and hands all the pictures to every logger and the local files
 (``fm_lightning.publishing``). This class is the lifecycle and the policy: nothing here can stop
 training; a failure warns once per cause and the run goes on (``strict=True`` raises instead).
+
+Why over 500 lines: a third is the argument reference below (read by users, by ``--help`` of any
+LightningCLI and by the docs) and the arguments' checks, which Lightning's style does at
+construction; the hooks, the DDP agreement and the failure policy are the rest.
 """
 
 from __future__ import annotations

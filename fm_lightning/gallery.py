@@ -49,6 +49,10 @@ with the previous and the first captured frame, one line per layer, "n/a" where 
 written atomically (:func:`fm_lightning.files.atomic_write`), so a browser reloading the page
 mid-run, or a crash, never meets a half-written file. The page's HTML, CSS and JS are package
 files (``fm_lightning/assets/gallery.*``), inlined into each ``index.html``.
+
+Why over 500 lines: ``stats.json`` is read back from disk every capture (a resumed run, the
+visualizer writing into a run's directory), so each of its fields is checked here with an error
+that says which; the page, the frames' order and the GIFs are the rest.
 """
 
 from __future__ import annotations

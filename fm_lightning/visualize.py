@@ -73,6 +73,10 @@ is written to ``--out`` before all is drawn.
 ``--out`` may be a training run's gallery directory: its ``stats.json`` is kept and its plots still
 show. A damaged one is an error, and left as it is for the user to look at (the training callback,
 which must not stop, moves it aside instead).
+
+Why over 500 lines: it is one command line read top to bottom, and a third of it is its options'
+``--help`` texts with their bounds (``build_parser``); its inputs are in ``visualize_inputs.py``
+and every picture is drawn by the code the callback draws with (``fm_lightning.pictures``).
 """
 
 from __future__ import annotations
