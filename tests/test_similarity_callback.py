@@ -105,6 +105,9 @@ def test_every_captured_epoch_keeps_the_grams_draws_the_matrix_and_logs_each_lay
 
 
 def test_a_frozen_layer_has_not_changed_and_a_trained_one_has(tmp_path):
+    # Seeded: with 2 SGD steps per epoch, some initialisations leave conv2 within 1e-5 of its
+    # previous representation by the second epoch (measured: 0.99999 once in an unseeded run).
+    torch.manual_seed(0)
     net = SimpleCNN()
     net.conv1.requires_grad_(False)  # frozen from the start
     model = ImageClassifier(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
