@@ -336,6 +336,28 @@ def probe_pass(
         return call_model(model, inputs)
 
 
+def read_output(
+    output: Any,
+    key: str,
+    module: nn.Module,
+    model: nn.Module,
+    num_rows: int,
+    overrides: Mapping[str, Any] | None = None,
+    readings: Mapping[str, Any] | None = None,
+) -> layouts.Maps:
+    """One hooked layer's output as maps or features, read as every picture kind reads it: its
+    ``layouts=`` override if one matches ``key``, else its measured reading (else the fallback
+    rules). Raises :class:`fm_lightning.layouts.LayoutError` for outputs that cannot be read."""
+    return layouts.interpret(
+        output,
+        module=module,
+        model=model,
+        num_rows=num_rows,
+        layout=match_layer(overrides or {}, key) or "auto",
+        reading=(readings or {}).get(key),
+    )
+
+
 @dataclass
 class Captured:
     """One layer's output from a probe pass, ready to draw."""
@@ -390,16 +412,8 @@ def capture(
     captured: dict[str, Captured] = {}
 
     def record(key: str, module: nn.Module, output: Any) -> None:
-        layout = match_layer(overrides, key) or "auto"
         try:
-            maps = layouts.interpret(
-                output,
-                module=module,
-                model=model,
-                num_rows=n,
-                layout=layout,
-                reading=(readings or {}).get(key),
-            )
+            maps = read_output(output, key, module, model, n, overrides, readings)
         except layouts.LayoutError as err:
             captured[key] = Captured(error=str(err))
             return

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fm_lightning.capture import forward_hooks, match_layer
+from fm_lightning.capture import forward_hooks, read_output
 from fm_lightning.gallery import EXAMPLES_DIR
-from fm_lightning.layouts import LayoutError, interpret
+from fm_lightning.layouts import LayoutError
 from fm_lightning.pictures import Drawn, Picture, PictureKind, Run, Shot
 from fm_lightning.pictures.maps import ranges
 from fm_lightning.probing import Reading, measure_layouts
@@ -401,11 +401,9 @@ class ExampleStream:
         self.errors: dict[str, str] = {}
 
     def _maps(self, name: str, output: object, rows: int) -> Tensor:
-        layout = match_layer(self.layouts_by_layer, name) or "auto"
         module = self.modules[name]
-        reading = self.readings.get(name)
-        act = interpret(
-            output, module=module, model=self.model, num_rows=rows, layout=layout, reading=reading
+        act = read_output(
+            output, name, module, self.model, rows, self.layouts_by_layer, self.readings
         ).act
         if act.dim() != 4:
             raise LayoutError(f"expected (N, C, h, w) maps for examples, got {describe(act)}")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fm_lightning.capture import forward_hooks, match_layer
+from fm_lightning.capture import forward_hooks, read_output
 from fm_lightning.cka import (
     SimilarityRecord,
     SimilarityRecorder,
@@ -39,7 +39,6 @@ from fm_lightning.cka import (
     save_record,
 )
 from fm_lightning.gallery import SIMILARITY_DIR
-from fm_lightning.layouts import interpret
 from fm_lightning.pictures import Drawn, Picture, PictureKind, Run, Shot
 from fm_lightning.rendering import COLORBAR_PX, FONT_PX, LINE_PX, TEXT_RGB, colorbar, colorize
 from fm_lightning.text import stamp, text_width
@@ -220,16 +219,10 @@ class SimilarityKind(PictureKind):
         def record(key: str, module: nn.Module, output: Any) -> None:
             if "@" in key:
                 return  # a module called twice: its first call is the layer's representation
-            layout = match_layer(run.layouts, key) or "auto"
-            reading = run.readings.get(key)
-            acts[key] = interpret(
-                output,
-                module=module,
-                model=run.model,
-                num_rows=len(inputs),
-                layout=layout,
-                reading=reading,
-            ).act.detach()
+            maps = read_output(
+                output, key, module, run.model, len(inputs), run.layouts, run.readings
+            )
+            acts[key] = maps.act.detach()
 
         with torch.compiler.set_stance("force_eager"), forward_hooks(run.modules, record):
             yield
