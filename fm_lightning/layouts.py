@@ -136,6 +136,22 @@ def check_layout(value: object) -> Layout:
     )
 
 
+def check_layouts(layouts: object) -> dict[str, Layout]:
+    """FeatureMapCallback's ``layouts``: None or ``{pattern: layout}`` (see :func:`check_layout`);
+    a ValueError naming the pattern otherwise."""
+    if layouts is not None and not isinstance(layouts, Mapping):
+        raise ValueError(
+            f"expected `layouts` to be a dict {{pattern: layout}}, got {type(layouts).__name__}"
+        )
+    checked = {}
+    for pattern, layout in (layouts or {}).items():
+        try:
+            checked[pattern] = check_layout(layout)
+        except ValueError as err:
+            raise ValueError(f"layouts[{pattern!r}]: {err}") from None
+    return checked
+
+
 def interpret(
     output: object,
     *,

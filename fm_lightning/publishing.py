@@ -4,6 +4,7 @@
     local = LocalRun(root, epoch=3, stats=stats)      # PNGs, stats.json and index.html under root
     publish(trainer.loggers, pictures, scalars, step=120, local=local, on_error=warn)
     publish_gifs(trainer.loggers, root, step=600, on_error=warn)     # at the end of fit
+    folders = layer_folders(["conv1", "cam"], warn_once)   # {"conv1": "conv1", "cam": "cam~2"}
 
 A picture is an (H, W, 3) uint8 tensor with a tag (the logger key, e.g. ``feature_maps/conv1``),
 a caption, and a path under the local directory (the layout :mod:`fm_lightning.gallery` reads).
@@ -50,7 +51,7 @@ from lightning.pytorch.loggers import (
 )
 
 from fm_lightning import gallery
-from fm_lightning.files import save_png
+from fm_lightning.files import distinct_path_parts, safe_path_part, save_png
 from fm_lightning.pictures import Picture
 
 OnError = Callable[[str, Exception], None]
@@ -114,6 +115,25 @@ def publish(
 def save_pictures(root: str | os.PathLike, pictures: Sequence[Picture]) -> list[Path]:
     """Each picture as a PNG at its path under ``root`` (atomically); returns the paths."""
     return [save_png(pic.image, os.path.join(root, pic.path)) for pic in pictures]
+
+
+def layer_folders(keys: Sequence[str], warn_once: Callable[[str, str], None]) -> dict[str, str]:
+    """Each layer key's own folder under the local directory: its safe name, unless another
+    layer's or a reserved one (the CAM pictures' ``cam``) is the same (then ``~2``...), said once
+    per layer through ``warn_once(key, message)``."""
+    keys = list(dict.fromkeys(keys))
+    folders = distinct_path_parts(keys, gallery.RESERVED_NAMES)
+    for key, folder in folders.items():
+        wanted = safe_path_part(key)
+        if folder != wanted:
+            other = next((k for k in keys if k != key and folders[k] == wanted), None)
+            warn_once(
+                f"folder:{key}",
+                f"layer {key!r}'s pictures go to {folder}/, as {wanted}/ holds "
+                + (f"layer {other!r}'s" if other else "the callback's own files")
+                + " (with the same tag prefix in the loggers, each keeps its own name).",
+            )
+    return folders
 
 
 def without_pictures(loggers: Sequence[Logger]) -> list[Logger]:

@@ -119,7 +119,7 @@ from fm_lightning.gallery import (
     write_index,
 )
 from fm_lightning.pictures import Picture
-from fm_lightning.pictures.cam import cam_picture
+from fm_lightning.pictures.cam import cam_picture, resolve_cam_layer
 from fm_lightning.pictures.examples import ExampleStream, examples_caption, examples_grid
 from fm_lightning.pictures.maps import MapsKind, maps_caption
 from fm_lightning.probing import measure_layout, measure_layouts
@@ -192,19 +192,6 @@ def top_examples(
             with stream.batch(x, torch.arange(start, start + len(x))):
                 model(x)
     return {layer: topk.result() for layer, topk in stream.topk.items()}, dict(stream.errors)
-
-
-def _cam_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module] | None:
-    """``--cam-layer``: ``(name, module)`` of the one module it matches, or None (torchcam's)."""
-    if layer is None:
-        return None
-    found = resolve_layers(model, [layer])
-    if len(found) != 1:
-        raise ValueError(
-            f"expected --cam-layer {layer!r} to match one module, got {len(found)}: "
-            f"{', '.join(found)}; name one of them"
-        )
-    return next(iter(found.items()))
 
 
 def _predictions(logits: Tensor) -> str:
@@ -587,7 +574,7 @@ def _draw(
             caption_of[folders[layer]] = f"{what[variant]}: {maps_caption(cap)}"
         if args.cam:
             try:
-                layer = _cam_layer(model, args.cam_layer)
+                layer = resolve_cam_layer(model, args.cam_layer, "--cam-layer")
                 reading = None if layer is None else measure_layout(model, layer[1], x)
                 grid, caption, _ = cam_picture(
                     model, x, args.cam, layer, reading, targets, cmap=args.cmap

@@ -27,6 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from fm_lightning.capture import match_layer
+from fm_lightning.layouts import Fallback
+from fm_lightning.probing import measure_layouts
+
 if TYPE_CHECKING:
     from fm_lightning.capture import Captured
     from fm_lightning.probing import Reading
@@ -52,6 +56,15 @@ class Drawn:
     # gallery: {layer: {"to_previous": v, "to_first": v}}, None where undefined
     similarity: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
+    def add(self, other: Drawn) -> None:
+        """Take in what another kind drew for the same validation."""
+        self.pictures += other.pictures
+        self.scalars.update(other.scalars)
+        self.dead.update(other.dead)
+        self.similarity.update(other.similarity)
+        for folder, stats in other.stats.items():
+            self.stats.setdefault(folder, {}).update(stats)
+
 
 @dataclass
 class Run:
@@ -61,6 +74,7 @@ class Run:
     modules: Mapping[str, nn.Module]  # the chosen layers, {name: module}
     layouts: Mapping[str, Any]  # layouts= overrides, {pattern: layout}
     readings: dict[str, Reading]  # measured layouts, filled once per fit
+    cam_layer: tuple[str, nn.Module] | None = None  # its layout is measured with the layers'
     forward_context: Callable[[], AbstractContextManager] = nullcontext  # the precision plugin's
     all_gather: Callable[[Any], Any] = lambda x: x  # LightningModule.all_gather
     broadcast: Callable[[Any], Any] = lambda x: x  # from rank zero, the strategy's
@@ -78,6 +92,29 @@ class Run:
     warn: Callable[[str], None] = lambda message: None
     warn_once: Callable[[str, str], None] = lambda key, message: None
     fail: Callable[[str, Exception], None] = lambda cause, err: None
+
+    def measure_layouts(self, probe: Any) -> None:
+        """How each chosen layer's (and the CAM layer's) output lies on the input, measured on
+        ``probe`` once per fit (:func:`fm_lightning.probing.measure_layouts`: one forward pass
+        for all). Every rank measures, so sharded models stay in step. A layer whose layout
+        cannot be measured, and that ``layouts=`` does not name, is read by the fallback rules
+        and warned about once, by name."""
+        modules = dict(self.modules)
+        if self.cam_layer is not None:
+            modules.setdefault(*self.cam_layer)
+        if not all(name in self.readings for name in modules):  # a later call's comes along
+            with self.forward_context():
+                found = measure_layouts(self.model, probe, modules, known=self.readings)
+            self.readings.update(found)
+        for key, reading in self.readings.items():  # some measured by the examples' stream
+            if isinstance(reading, Fallback) and match_layer(self.layouts, key) is None:
+                self.warn_once(
+                    f"layout:{key}",
+                    f"could not measure how layer {key!r} lays out its output ({reading.reason}), "
+                    "so it is read by the fallback rules (the kinds of its modules; its caption "
+                    "says how). If that is wrong, give it a layout: "
+                    f"layouts={{{key!r}: 'nchw' | 'nhwc' | 'tokens' | 'sequence' | a function}}.",
+                )
 
 
 @dataclass

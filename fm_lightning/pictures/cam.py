@@ -1,7 +1,8 @@
 """The class-activation picture kind: where the model looks on the probe, for its predicted class
 and the true one (or the runner-up), every captured validation.
 
-    kind = CamKind("GradCAM", layer="relu2", cmap="viridis")
+    kind = CamKind("GradCAM", "relu2", cmap="viridis")   # checks the method at once
+    kind.resolve(model)                                   # when fitting starts
     drawn = kind.draw(run, shot)                          # rank zero: cam/epoch=003.png
     grid, caption = cam_picture(model, x, "GradCAM", ("relu2", model.relu2), reading, targets)
 
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fm_lightning.cam import CamResult, class_activation_maps
-from fm_lightning.capture import match_layer
+from fm_lightning.cam import CamResult, check_cam_method, class_activation_maps
+from fm_lightning.capture import match_layer, resolve_layers
 from fm_lightning.gallery import CAM_DIR
 from fm_lightning.layouts import interpret
 from fm_lightning.pictures import Drawn, Picture, PictureKind, Run, Shot
@@ -42,14 +43,37 @@ from fm_lightning.rendering import (
 from fm_lightning.text import stamp, text_width
 
 
-class CamKind(PictureKind):
-    """``method`` (canonical, :func:`fm_lightning.cam.check_cam_method`) at ``layer``: a
-    ``(name, module)`` pair once resolved, or None for torchcam's choice."""
+def resolve_cam_layer(
+    model: nn.Module, pattern: str | None, what: str = "`cam_layer`"
+) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of the one module ``pattern`` matches, or None for None (torchcam's
+    choice). ``what`` names the argument in the ValueError (no match, or several)."""
+    if pattern is None:
+        return None
+    found = resolve_layers(model, [pattern])
+    if len(found) != 1:
+        raise ValueError(
+            f"expected {what} {pattern!r} to match one module, got {len(found)}: "
+            f"{', '.join(found)}; name one of them"
+        )
+    return next(iter(found.items()))
 
-    def __init__(self, method: str, cmap: str) -> None:
-        self.method = method
+
+class CamKind(PictureKind):
+    """``method`` (any case, ``++`` for ``pp``: :func:`fm_lightning.cam.check_cam_method`) at
+    the module ``pattern`` matches, or None for torchcam's choice; ValueErrors at once."""
+
+    def __init__(self, method: str, pattern: str | None, cmap: str) -> None:
+        if pattern is not None and (not isinstance(pattern, str) or not pattern):
+            raise ValueError(f"expected `cam_layer` to be a layer name or None, got {pattern!r}")
+        self.method = check_cam_method(method)  # its canonical name: "gradcam++" -> "GradCAMpp"
+        self.pattern = pattern
         self.cmap = cmap
-        self.layer: tuple[str, nn.Module] | None = None  # set when the callback resolves it
+        self.layer: tuple[str, nn.Module] | None = None  # (name, module), once resolved
+
+    def resolve(self, model: nn.Module) -> None:
+        """Find the CAM layer in ``model`` (when fitting starts); ValueError as resolve_layers."""
+        self.layer = resolve_cam_layer(model, self.pattern)
 
     def draw(self, run: Run, shot: Shot) -> Drawn:
         probe = shot.probe

@@ -23,6 +23,13 @@ class MapsKind(PictureKind):
     def __init__(
         self, max_channels: int, normalize: str, cmap: str, order: str, stats: bool = True
     ) -> None:
+        if normalize not in rendering.NORMALIZE_MODES:
+            raise ValueError(
+                f"expected `normalize` in {rendering.NORMALIZE_MODES}, got {normalize!r}"
+            )
+        if order not in rendering.ORDERS:
+            raise ValueError(f"expected `order` in {rendering.ORDERS}, got {order!r}")
+        rendering.check_cmap(cmap)
         self.max_channels = max_channels
         self.normalize = normalize
         self.cmap = cmap
@@ -50,6 +57,12 @@ class MapsKind(PictureKind):
                     self.channels.setdefault(key, cap.channels.cpu())
         return captured
 
+    def channels_for(self, run: Run, probe: Any) -> dict[str, Tensor]:
+        """``{layer: (C',) indices}`` the maps draw for ``probe`` (its layouts measured first)."""
+        run.measure_layouts(probe)
+        captured = self.capture(run, probe, stats=False)
+        return {k: c.channels for k, c in captured.items() if c.channels is not None}
+
     def grid(self, cap: capture.Captured) -> Tensor:
         """One layer's picture: rows are probe inputs, columns its drawn channels."""
         return rendering.feature_picture(
@@ -63,6 +76,14 @@ class MapsKind(PictureKind):
 
     def draw(self, run: Run, shot: Shot) -> Drawn:
         drawn = Drawn()
+        for layer in capture.not_run(run.modules, shot.captured):
+            run.warn_once(
+                f"not-run:{layer}",
+                f"layer {layer!r} did not run in the probe pass, so it is not drawn. Likely "
+                "reasons: a training-only branch (an auxiliary head), a fused kernel that "
+                "bypasses the module (fused attention), or a branch the forward skips for "
+                "these inputs.",
+            )
         for key, cap in shot.captured.items():
             if cap.error is not None:
                 run.warn_once(f"skip:{key}", f"skipping layer {key!r}: {cap.error}.")

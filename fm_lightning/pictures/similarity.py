@@ -184,7 +184,12 @@ class SimilarityKind(PictureKind):
     kept in ``similarity/<frame>.pt`` to compare runs later (``python -m fm_lightning.similarity``).
     """
 
-    def __init__(self, n: int, cmap: str = "viridis") -> None:
+    def __init__(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(
+                f"expected `similarity` to be 0 (off) or the number of inputs compared, an int "
+                f">= 2, got {n!r}"
+            )
         self.n = n
         self.first: dict[str, Tensor] = {}  # {layer: (n, n) centred Gram} at the first frame
         self.previous: dict[str, Tensor] = {}  # ... at the previous captured validation
