@@ -5,7 +5,8 @@
 A class-activation map taken before a ReLU is blank after GradCAM's own ReLU: SimpleCNN's conv2
 output is mostly negative where the class evidence is. The default takes it after the ReLU
 (``relu2``). The deletion check (Petsiuk et al., 2018) is measured and printed, not asserted:
-see the README ("Where the model looks") for the figures and why.
+see the README ("Where the model looks") for the figures and why, and
+benchmarks/cam_faithfulness.py for them per method, layer and baseline on a default run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from conftest import REPO
 
 from fm_lightning import MNISTDataModule, SimpleCNN
 from fm_lightning.cam import class_activation_maps
+from fm_lightning.faithfulness import deletion_drops
 
 STEPS, BATCH, IMAGES = 400, 64, 64
 MIN_LIT = 0.2  # the median map has at least this fraction of its pixels ...
@@ -59,23 +61,10 @@ def trained(mnist_dir):
         torch.set_num_threads(threads)
 
 
-def deletion_wins(net, x: torch.Tensor, maps: torch.Tensor, fraction: float = 0.2) -> float:
-    """Fraction of images whose predicted-class logit drops more when the map's top pixels are
-    set to black than on average over 10 random sets of as many pixels."""
-    g = torch.Generator().manual_seed(1)
-    n, k = len(x), int(fraction * x[0].numel())
-    black = x.min().item()
-    with torch.no_grad():
-        logits = net(x)
-        pred = logits.argmax(1, keepdim=True)
-
-        def drop(order: torch.Tensor) -> torch.Tensor:
-            masked = x.flatten(1).scatter(1, order.topk(k, dim=1).indices, black)
-            return (logits.gather(1, pred) - net(masked.view_as(x)).gather(1, pred))[:, 0]
-
-        ties = torch.rand(n, x[0].numel(), generator=g) * 1e-6  # blank stretches: random order
-        by_map = drop(maps.flatten(1) + ties)
-        by_chance = torch.stack([drop(torch.rand(n, x[0].numel(), generator=g)) for _ in range(10)])
+def deletion_wins(net, x: torch.Tensor, maps: torch.Tensor) -> float:
+    """Fraction of images whose predicted-class logit drops more when the map's top 20% of
+    pixels are set to black than on average over 10 random sets of as many pixels."""
+    by_map, by_chance = deletion_drops(net, x, maps, fill=x.min().item())
     print(f"median logit drop {by_map.median():.2f} (map) vs {by_chance.mean(0).median():.2f}")
     return (by_map > by_chance.mean(0)).float().mean().item()
 
