@@ -43,7 +43,7 @@ from fm_lightning.pictures import Drawn, PictureKind, Run, Shot
 from fm_lightning.pictures.cam import CamKind
 from fm_lightning.pictures.examples import ExamplesKind, check_examples
 from fm_lightning.pictures.maps import MapsKind
-from fm_lightning.pictures.similarity import SimilarityKind
+from fm_lightning.pictures.similarity import SimilarityKind, check_similarity
 from fm_lightning.probe import Probe
 from fm_lightning.publishing import (
     LocalRun,
@@ -85,7 +85,8 @@ class FeatureMapCallback(Callback):
             being one of :data:`fm_lightning.layouts.LAYOUTS` or a function ``output tensor ->
             (N, C, H, W) or (N, F)``, e.g. ``{"blocks.*": "tokens"}``.
         log_stats: also log per-layer mean, std, fraction of zeros and dead channels as scalars.
-        examples: top examples per drawn channel (0: off, at most 100): on a captured epoch,
+        examples: top examples per drawn channel (0: off, at most 100; no more than the
+            validation set holds are kept): on a captured epoch,
             the validation inputs that excite each channel the maps draw most, cropped to its
             receptive field, and the channels dead over the whole validation set
             (:mod:`fm_lightning.pictures.examples`; with ``order="activation"`` under DDP and no
@@ -101,9 +102,10 @@ class FeatureMapCallback(Callback):
         target_fn: ``batch -> (N,) true classes`` for the CAM's true-class maps. Default: the
             second element of an ``(x, y)`` batch, or a ``"label(s)"``/``"target(s)"``/``"y"``
             key of a dict batch, when it holds N integer classes.
-        similarity: n >= 2 validation inputs (the first n in dataset order) compared by linear
-            CKA; 0: off. Logs ``feature_similarity/<layer>/to_previous`` and ``/to_first``, draws
-            a layer x layer heatmap, keeps ``similarity/<frame>.pt`` for ``python -m
+        similarity: n >= 2 validation inputs (the first n in dataset order: the same every
+            epoch and run) compared by linear CKA; 0: off. Logs
+            ``feature_similarity/<layer>/to_previous`` and ``/to_first``, draws a layer x layer
+            heatmap, keeps the centred Grams (``similarity/<frame>.pt``) for ``python -m
             fm_lightning.similarity`` (:mod:`fm_lightning.pictures.similarity`).
         name: tells two FeatureMapCallbacks in one Trainer apart: their checkpoint state and
             their default directory (``feature_maps_<name>``).
@@ -155,7 +157,8 @@ class FeatureMapCallback(Callback):
                 f"expected `cam` (a method such as 'GradCAM') with `cam_layer`, got "
                 f"cam_layer={cam_layer!r} and cam=None: pass cam=..., or drop cam_layer"
             )
-        # Each kind checks its own arguments at once (ValueErrors naming them).
+        # The kinds' own arguments are checked by each kind (ValueErrors naming them); MapsKind
+        # checks the cmap and order the others share.
         check_examples(examples, dead_warn)
         self._maps = MapsKind(max_channels, normalize, cmap, order, stats=log_stats)
         self._cam = None if cam is None else CamKind(cam, cam_layer, cmap)
@@ -164,7 +167,7 @@ class FeatureMapCallback(Callback):
             self._kinds.append(ExamplesKind(examples, dead_warn, max_channels, cmap, order))
         if self._cam is not None:
             self._kinds.append(self._cam)
-        if type(similarity) is not int or similarity != 0:  # 0: off; False is no count
+        if check_similarity(similarity):
             self._kinds.append(SimilarityKind(similarity))
         self._batches = BatchReader(input_key, input_fn, target_fn)
 
@@ -187,7 +190,6 @@ class FeatureMapCallback(Callback):
         self.target_fn = target_fn
         self.similarity = similarity
         self.name = name
-        self.strict = strict
 
         self._probe = Probe(num_images)  # the fixed inputs every captured validation draws
         self._modules: dict[str, nn.Module] = {}  # resolved when fitting starts
@@ -196,6 +198,15 @@ class FeatureMapCallback(Callback):
         self._observing = ExitStack()  # the kinds' hooks, open for one validation batch
         self._failures = Failures(strict)
         self.local_dir: str | None = None
+
+    @property
+    def strict(self) -> bool:
+        """Raise on failures instead of warning once and carrying on (settable)."""
+        return self._failures.strict
+
+    @strict.setter
+    def strict(self, value: bool) -> None:
+        self._failures.strict = value
 
     @property
     def probe(self) -> Any:
@@ -314,11 +325,10 @@ class FeatureMapCallback(Callback):
         probe = run.shared_probe()
         if probe is None:
             return
-        # Only rank zero draws, but every rank runs the forward so sharded models stay in step.
-        if not trainer.is_global_zero:
-            run.modules = {}
-        try:
-            run.measure_layouts(probe)
+        try:  # every rank measures and runs the probe pass, so sharded models stay in step
+            run.measure_layouts_once(probe)
+            if not trainer.is_global_zero:
+                run.modules = {}  # only rank zero draws: the others run the bare forward
             captured = self._maps.capture(run, probe)
         except Exception as err:
             self._failures.fail("capture", err)
@@ -434,12 +444,12 @@ class FeatureMapCallback(Callback):
         title = os.path.dirname(self.local_dir) or "feature maps"
         frame = shot.frame
         local = LocalRun(
-            self.local_dir,
-            frame.epoch,
-            drawn.stats,
-            drawn.dead,
-            title,
-            frame.step,
+            root=self.local_dir,
+            epoch=frame.epoch,
+            stats=drawn.stats,
+            dead=drawn.dead,
+            title=title,
+            step=frame.step,
             similarity=drawn.similarity,
         )
         publish(

@@ -677,9 +677,12 @@ def test_a_plain_lightningcli_gets_it_by_class_path_alone(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_log_one_set_of_images(tmp_path):
     out = _run([os.path.join(SCRIPTS, "ddp_fit.py"), str(tmp_path)], cwd=tmp_path)
-    probes = dict(line.split() for line in out.splitlines() if line.startswith("rank="))
+    ranks = [line.split() for line in out.splitlines() if line.startswith("rank=")]
+    probes = {rank: probe for rank, probe, _ in ranks}
     assert set(probes) == {"rank=0", "rank=1"}
     assert len(set(probes.values())) == 1, probes  # both ranks drew with rank zero's probe
+    # Every rank measured the layouts, once per fit (sharded models need the same passes).
+    assert [passes for _, _, passes in ranks] == ["layout_passes=1"] * 2, ranks
     names = [os.path.relpath(p, tmp_path / "maps") for p in _pngs(tmp_path / "maps")]
     assert names == [
         "conv1/epoch=000.png",

@@ -71,3 +71,12 @@ def test_strict_raises_the_error_itself_and_problems_as_runtime_errors():
     with pytest.raises(RuntimeError, match="^FeatureMapCallback: conv1 falls back$"):
         failures.warn_once("layout:conv1", "conv1 falls back")
     assert caught(lambda: failures.warn("a note")) == ["FeatureMapCallback: a note"]  # never raises
+
+
+def test_the_callbacks_strict_can_be_changed_after_construction():
+    from fm_lightning import FeatureMapCallback
+
+    cb = FeatureMapCallback(["conv1"])
+    cb.strict = True
+    with pytest.raises(ValueError, match="bad shape"):
+        cb._failures.fail("capture", ValueError("bad shape"))

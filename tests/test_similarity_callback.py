@@ -166,7 +166,7 @@ def test_too_few_or_shuffled_validation_inputs_warn_once_and_training_goes_on(tm
     assert not (tmp_path / "shuffled" / "similarity").exists()
 
 
-@pytest.mark.parametrize("value", [-1, 1, True, 2.0, "512"])
+@pytest.mark.parametrize("value", [-1, 1, True, False, 0.0, None, 2.0, "512"])
 def test_similarity_must_be_0_or_at_least_2_inputs(value):
     with pytest.raises(ValueError, match="expected `similarity`"):
         FeatureMapCallback(["conv1"], similarity=value)

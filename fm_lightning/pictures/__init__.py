@@ -4,8 +4,9 @@
         def draw(self, run: Run, shot: Shot) -> Drawn:   # rank zero, after the probe pass
             return Drawn(pictures=[Picture("my_tag", "my_kind/epoch=003.png", image, "caption")])
 
-FeatureMapCallback owns the schedule, the hooks' lifetimes, the failure policy, DDP and publishing;
-each kind (``maps``, ``examples``, ``cam``) is one module here implementing these steps of one
+FeatureMapCallback owns the schedule, the hooks' lifetimes, the failure policy (carried out by
+``fm_lightning.failures``, reached through ``Run``), DDP and publishing; each kind (``maps``,
+``examples``, ``cam``, ``similarity``) is one module here implementing these steps of one
 captured validation, in this order (all optional but ``draw``):
 
 1. ``start(run)``: the validation starts (every rank).
@@ -93,7 +94,7 @@ class Run:
     warn_once: Callable[[str, str], None] = lambda key, message: None
     fail: Callable[[str, Exception], None] = lambda cause, err: None
 
-    def measure_layouts(self, probe: Any) -> None:
+    def measure_layouts_once(self, probe: Any) -> None:
         """How each chosen layer's (and the CAM layer's) output lies on the input, measured on
         ``probe`` once per fit (:func:`fm_lightning.probing.measure_layouts`: one forward pass
         for all). Every rank measures, so sharded models stay in step. A layer whose layout

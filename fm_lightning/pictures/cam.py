@@ -75,6 +75,9 @@ class CamKind(PictureKind):
         """Find the CAM layer in ``model`` (when fitting starts); ValueError as resolve_layers."""
         self.layer = resolve_cam_layer(model, self.pattern)
 
+    def teardown(self) -> None:
+        self.layer = None  # no reference to the model outlives the fit
+
     def draw(self, run: Run, shot: Shot) -> Drawn:
         probe = shot.probe
         if not isinstance(probe, Tensor) or probe.ndim != 4:

@@ -59,7 +59,7 @@ class MapsKind(PictureKind):
 
     def channels_for(self, run: Run, probe: Any) -> dict[str, Tensor]:
         """``{layer: (C',) indices}`` the maps draw for ``probe`` (its layouts measured first)."""
-        run.measure_layouts(probe)
+        run.measure_layouts_once(probe)
         captured = self.capture(run, probe, stats=False)
         return {k: c.channels for k, c in captured.items() if c.channels is not None}
 

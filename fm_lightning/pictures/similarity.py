@@ -177,6 +177,17 @@ def _checked(
     return values.masked_fill(~defined, 0.0), defined
 
 
+def check_similarity(n: object) -> bool:
+    """FeatureMapCallback's ``similarity``: True for a count of inputs (an int >= 2), False for 0
+    (off); a ValueError otherwise (``False``, ``1``, ``0.0``, ``None`` ... are no count)."""
+    if type(n) is not int or n == 1 or n < 0:
+        raise ValueError(
+            f"expected `similarity` to be 0 (off) or the number of inputs compared, an int "
+            f">= 2, got {n!r}"
+        )
+    return n != 0
+
+
 class SimilarityKind(PictureKind):
     """Linear CKA of the chosen layers on the first ``n`` validation inputs (dataset order),
     every captured validation: each layer against itself at the previous and the first captured
@@ -185,11 +196,7 @@ class SimilarityKind(PictureKind):
     """
 
     def __init__(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(
-                f"expected `similarity` to be 0 (off) or the number of inputs compared, an int "
-                f">= 2, got {n!r}"
-            )
+        check_similarity(n)
         self.n = n
         self.first: dict[str, Tensor] = {}  # {layer: (n, n) centred Gram} at the first frame
         self.previous: dict[str, Tensor] = {}  # ... at the previous captured validation

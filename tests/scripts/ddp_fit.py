@@ -4,8 +4,9 @@
     python tests/scripts/ddp_fit.py OUT_DIR --fail-on-rank 1     # that rank cannot read batches
     python tests/scripts/ddp_fit.py OUT_DIR --cam GradCAM        # class-activation maps of conv2
 
-Every rank prints one line, ``rank=R probe_sum=S`` (with --cam also ``cam_passes=N`` and
-``targets=T,T,...``), so a test can check what each rank drew with.
+Every rank prints one line, ``rank=R probe_sum=S layout_passes=N`` (with --cam also
+``cam_passes=N`` and ``targets=T,T,...``), so a test can check what each rank drew with and that
+every rank measured the layers' layouts (the same forward passes on every rank).
 """
 
 import argparse
@@ -66,19 +67,18 @@ if __name__ == "__main__":
     model = ImageClassifier(SimpleCNN())
     # Forward passes of the probe's 4 rows with gradients on in eval mode: CAM's (the layout
     # measurement, once per fit on every rank, runs 4 copies of one probe row).
-    cam_passes = []
+    cam_passes, layout_passes = [], []
 
-    def count_cam_passes(module, args):
+    def count_passes(module, args):
         x = args[0]
         if torch.is_grad_enabled() and not module.training and len(x) == 4:
-            if not bool((x == x[:1]).all()):
-                cam_passes.append(1)
+            (layout_passes if bool((x == x[:1]).all()) else cam_passes).append(1)
 
-    model.register_forward_pre_hook(count_cam_passes)
+    model.register_forward_pre_hook(count_passes)
     trainer.fit(model, loader(0), loader(1))
     # Every rank prints what it drew with, so the test can check all ranks agree on the probe.
     probe_sum = "none" if cb.probe is None else f"{cb.probe.sum().item():.6f}"
-    line = f"rank={trainer.global_rank} probe_sum={probe_sum}"
+    line = f"rank={trainer.global_rank} probe_sum={probe_sum} layout_passes={len(layout_passes)}"
     if args.cam:
         targets = ",".join(str(t) for t in cb.probe_targets.tolist())
         line += f" cam_passes={len(cam_passes)} targets={targets}"
