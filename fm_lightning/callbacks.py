@@ -384,6 +384,7 @@ class FeatureMapCallback(Callback):
 
     def _make_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Run:
         """What the picture kinds may use during this captured validation."""
+        broadcast = functools.partial(trainer.strategy.broadcast, src=0)
         run = Run(
             model=pl_module,
             modules=self._modules,
@@ -392,35 +393,19 @@ class FeatureMapCallback(Callback):
             cam_layer=None if self._cam is None else self._cam.layer,
             forward_context=trainer.precision_plugin.forward_context,
             all_gather=pl_module.all_gather,
-            broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0),
+            broadcast=broadcast,
             all_agree=lambda ok: trainer.strategy.reduce_boolean_decision(ok, all=True),
             world_size=trainer.world_size,
             validation_inputs=schedule.validation_inputs(trainer),
             validation_order=schedule.validation_order(trainer) if self.similarity else None,
             num_images=self.num_images,
-            shared_probe=lambda: self._shared_probe(trainer, pl_module),
+            shared_probe=lambda: self._probe.shared(broadcast, pl_module.device, self._failures),
             warn=self._failures.warn,
             warn_once=self._failures.warn_once,
             fail=self._failures.fail,
         )
         run.channels_for = functools.partial(self._maps.channels_for, run)
         return run
-
-    def _shared_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        """Rank zero's probe on every rank (a collective: every rank calls it), or None."""
-        local = None
-        if not self._failures.disabled:
-            try:
-                local = self._probe.assemble()
-            except Exception as err:  # batches of different shapes or dtypes
-                self._failures.fail("input", err, disable=True)
-        if local is not None and (have := capture.num_rows(local)) < self.num_images:
-            self._failures.warn(
-                f"validation gave only {have} of num_images={self.num_images} probe images.",
-                key="short probe",
-            )
-        broadcast = lambda obj: trainer.strategy.broadcast(obj, src=0)  # noqa: E731
-        return self._probe.share(broadcast, pl_module.device, send=local is not None)
 
     # ------------------------------------------------------------------ publishing
 

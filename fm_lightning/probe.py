@@ -4,6 +4,7 @@
     probe.add(inputs, targets)            # each validation batch, until it holds num_images rows
     x = probe.assemble()                  # the rows so far as one input (a short probe), or None
     x = probe.share(strategy.broadcast, device)   # rank zero's probe on every rank, or None
+    x = probe.shared(broadcast, device, failures)  # assembled first, failures said (the callback's)
 
 The probe is what the model is called with (a Tensor, tuple or dict of (N, ...) tensors; see
 :func:`fm_lightning.capture.call_model`), with the batches' true classes when they have them. It
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from fm_lightning.capture import concat_rows, num_rows, take_rows, to_device
+from fm_lightning.failures import Failures
 
 
 class Probe:
@@ -76,6 +78,27 @@ class Probe:
             return None
         self.inputs, self.targets = to_device(shared, device)
         return self.inputs
+
+    def shared(
+        self, broadcast: Callable[[Any], Any], device: torch.device, failures: Failures
+    ) -> Any:
+        """:meth:`share` of this rank's rows, assembled first (a collective: every rank calls it).
+
+        Rows that do not make one probe (batches of different shapes or dtypes) turn the
+        callback off through ``failures``; a probe short of ``num_images`` is said once.
+        """
+        local = None
+        if not failures.disabled:
+            try:
+                local = self.assemble()
+            except Exception as err:
+                failures.fail("input", err, disable=True)
+        if local is not None and (have := num_rows(local)) < self.num_images:
+            failures.warn(
+                f"validation gave only {have} of num_images={self.num_images} probe images.",
+                key="short probe",
+            )
+        return self.share(broadcast, device, send=local is not None)
 
     def state_dict(self) -> dict[str, Any]:
         return {
