@@ -17,7 +17,8 @@ Contenders, interleaved per model (order flipping every round, untimed warm-up f
     measure  ``fm_lightning.probing.measure_layouts`` of the same layers: how each output lies on
              the input, measured once per layer per fit before the first capture (one forward
              pass of 4 copies of the first probe image with gradients on, then one backward
-             pass per layer from its output).
+             pass per layer from its output, down to the previous layer's output where every
+             path from the input goes through it: to the input for layer1 and blocks.2 only).
 
 Targets, per model: capture / bare <= 2.0, and measure / capture <= 2.0 (medians of the per-round
 ratios; the targets are for CPU).

@@ -10,18 +10,30 @@ attention does not), then one backward pass per layer from its output asks one q
 row: the input gradient of a random mix of one part of the output. Row 0 asks about the first
 quarter along every dim at once, row 1 + i about the same part moved to the last quarter along
 the i-th dim. Along a spatial dim the input region moves across the input (the centroid of the
-gradient's magnitude moves by at least :data:`MIN_SHIFT` of the input's height or width); along
-the channel dim it does not (a quarter of the channels depends on the same field). Each input
-axis is followed by the dim that moves furthest along it. A dim following the height of an
-image in an (N, L, D) output holds tokens, row by row: the last token's own region (the last
-row asks about the last element alone) is one cell of their grid, and the grid (h, w) is the
-tiling of the input whose last cell holds that region most sharply (densest inside, against its
-left and upper neighbours); the k = L - h * w tokens before the grid are prefix tokens (CLS,
-registers: no single region). A dim following one axis and no grid: a 1-D sequence. A layer
-whose output (or a tensor its gradient needs) the rest of the forward edits in place (an
-in-place ReLU after it) gets a pass of its own that stops at the layer. The input
-is the probe's first floating-point tensor: (N, C, H, W) and (N, H, W) are images, anything else
-a 1-D signal along its last dim.
+gradient's magnitude, each position at its centre as a fraction of the axis, moves by at least
+:data:`MIN_SHIFT` of the input's height or width); along the channel dim it does not (a quarter
+of the channels depends on the same field). Each input axis is followed by the dim that moves
+furthest along it. A dim following the height of an image in an (N, L, D) output holds tokens,
+row by row: the last token's own region (the last row asks about the last element alone) is
+one cell of their grid, and the grid (h, w) is the tiling of the input whose last cell holds
+that region most sharply (densest inside, against its left and upper neighbours); the
+k = L - h * w tokens before the grid are prefix tokens (CLS, registers: no single region). A dim
+following one axis and no grid: a 1-D sequence. A layer whose output (or a tensor its gradient
+needs) the rest of the forward edits in place (an in-place ReLU after it) gets a pass of its
+own that stops at the layer. The input is the probe's first floating-point tensor:
+(N, C, H, W) and (N, H, W) are images, anything else a 1-D signal along its last dim.
+
+Chained passes. A backward pass down to the input costs the layer's depth, so layers are
+measured in forward order, and where every path from the input to a layer's output goes
+through the output of one measured before (the deepest such: walked back on the autograd graph
+without crossing that output, the input is not reached; a skip from the input around it is),
+the pass stops there. Its gradient's magnitude, summed over that output's channels, stands on
+that output's measured positions (rows and columns, 1-D positions, or a token grid with the
+prefix tokens' mass spread over it: they depend on all of it), and the same decisions run on
+this coarser mass; on the test models they read every layer as the full pass does. A chained
+reading that is not Measured or places fewer positions than the input has axes (a pool; a 1-D
+reading of an image, as a token grid finer than those positions reads) is measured the full
+way: the chain is a shortcut, never another outcome.
 
 Outcomes: :class:`~fm_lightning.layouts.Measured`, or :class:`~fm_lightning.layouts.Fallback`
 with the reason the measurement cannot decide (no floating-point input, no gradient from the
@@ -35,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -57,10 +69,12 @@ __all__ = [
 #: How far (as a fraction of the axis) the input region of an output part moved to a dim's last
 #: quarter must lie beyond the part's own (the first quarter along every dim) for the dim to
 #: follow that axis. Measured (the models of tests/test_probing.py, test_layouts_models.py and
-#: test_timm_dropin.py): positions move 0.16 (MaxVit grid attention, 8 x 8: each position
-#: attends to others half the map away) to 0.74, most >= 0.4; channels at most 0.07 (MaxVit
+#: test_timm_dropin.py): positions move 0.15 (MaxVit grid attention, 8 x 8: each position
+#: attends to others half the map away) to 0.8, most >= 0.4; channels at most 0.07 (MaxVit
 #: with 6 seeds: 0.16 and 0.07 at worst). Tokens in rows of 3 move along the width too, up to
-#: 0.16: an (N, L, D) output following the height is tried as tokens first.
+#: 0.16: an (N, L, D) output following the height is tried as tokens first. On a chained pass's
+#: coarser mass: positions 0.34 (MaxVit) to 0.83, channels at most 0.05, tokens in rows of 3
+#: up to 0.2 along the width.
 MIN_SHIFT = 0.12
 # A token grid is accepted when its last cell is at least this much denser than its neighbours
 # (relative to the cell's own density).
@@ -122,18 +136,22 @@ def measure_layouts(
     probe: Any,
     modules: Mapping[str, nn.Module],
     known: Mapping[str, Reading] | None = None,
+    chain: bool = True,
 ) -> dict[str, Reading]:
     """How every call of ``modules`` not in ``known`` lays out its output, keyed as
     :func:`fm_lightning.capture.forward_hooks` names them (``pool``, ``pool@2``).
 
     One forward pass of :data:`ROWS` copies of the probe's first input, hooks on ``modules``,
-    then one backward pass per call from its output to the input (see the module docstring).
+    then one backward pass per call from its output to the input, or to an earlier measured
+    output that every path from the input goes through (see the module docstring).
 
     Args:
         model: The model (unwrapped) whose forward takes ``probe``.
         probe: The probe as the model takes it (Tensor, tuple or dict of (N, ...) tensors).
         modules: ``{name: submodule of model}``.
         known: Readings already taken; their keys are not measured again.
+        chain: Whether a backward pass may stop at an earlier measured output (False: every
+            pass goes down to the input; the readings are the same, the cost is not).
 
     Returns:
         Per call: :class:`Measured`; :class:`Fallback` saying why the measurement cannot decide
@@ -159,6 +177,7 @@ def measure_layouts(
             outputs[key] = (module, y, y._version)
 
     readings: dict[str, Reading] = {}
+    links: list[_Link] = []  # outputs measured in the shared pass, deepest first
     with gradients_on(model):  # the rows are made here: not inference tensors
         xs = _first_rows(x).requires_grad_(True) if x is not None else None
         inputs = apply_to_collection(probe, Tensor, lambda t: xs if t is x else _first_rows(t))
@@ -181,11 +200,13 @@ def measure_layouts(
                 try:
                     if y._version != version:  # edited in place further on (ReLU(inplace=True))
                         raise _EditedLater
-                    readings[key] = _measure(y, layer, xs, axes)
+                    readings[key] = _measure(y, layer, xs, axes, links if chain else [])
+                    if _places_every_axis(readings[key], image):  # later ones may stop here
+                        links.insert(0, _Link(y, layer, readings[key]))
                 except (_EditedLater, RuntimeError):  # or a tensor its gradient needs was:
                     call = int(key.partition("@")[2] or 1)  # a pass that stops at the layer
                     y, _ = first_tensor(forward_to(model, layer, inputs, call))
-                    readings[key] = _measure(y, layer, xs, axes)
+                    readings[key] = _measure(y, layer, xs, axes, [])
             except _Undecided as err:
                 readings[key] = Fallback(str(err), image)
             except Exception as err:  # the model's own forward failed on these rows: never fatal
@@ -234,9 +255,18 @@ def _first_rows(t: Tensor) -> Tensor:
     return t[:1].detach().expand(ROWS, *t.shape[1:]).clone()
 
 
-def _measure(y: Tensor, layer: nn.Module, xs: Tensor, axes: tuple[int, ...]) -> Measured | None:
+class _Link(NamedTuple):  # an output measured in the shared pass: later passes may stop there
+    y: Tensor  # as its hook saw it, in the shared graph
+    layer: nn.Module
+    reading: Measured
+
+
+def _measure(
+    y: Tensor, layer: nn.Module, xs: Tensor, axes: tuple[int, ...], links: list[_Link]
+) -> Measured | None:
     """The reading of ``layer``'s output ``y`` (ROWS rows), from its gradients with respect to
-    ``xs``; None for outputs that are not 3-D or 4-D ((N, F) features, never drawn)."""
+    ``xs``, or to the output of the deepest of ``links`` that every path from ``xs`` to ``y``
+    goes through; None for outputs that are not 3-D or 4-D ((N, F) features, never drawn)."""
     if not 3 <= y.dim() <= 4:
         return None
     try:
@@ -267,23 +297,93 @@ def _measure(y: Tensor, layer: nn.Module, xs: Tensor, axes: tuple[int, ...]) -> 
         piece = cotangent[row][where]
         noise = torch.randn(piece.shape, generator=gen, device=y.device, dtype=y.dtype)
         cotangent[row][where] = noise
+    link = next((link for link in links if _only_through(y, link.y, xs)), None)
+    try:
+        reading = link and _chained(y, dims, cotangent, link, image=len(axes) == 2)
+    except Exception:  # a shortcut, never a failure of its own: the full pass decides
+        reading = None
+    if reading is not None:
+        return reading
     (grad,) = torch.autograd.grad(y, xs, cotangent, retain_graph=True, allow_unused=True)
     if grad is None or not grad.any():
         raise _Undecided("no gradient from the input reaches the output")
     # (ROWS, *positions): |gradient| summed over the input's non-positional dims
     other = [d for d in range(1, grad.dim()) if d not in axes]
     mass = grad.detach().float().abs().sum(dim=other) if other else grad.detach().float().abs()
-    follows = _follows(mass, dims)
-    return _reading(y.shape[1:], dims, follows, mass, image=len(axes) == 2)
+    return _reading(y.shape[1:], dims, _follows(mass, dims), mass, image=len(axes) == 2)
+
+
+def _only_through(y: Tensor, via: Tensor, xs: Tensor) -> bool:
+    """Whether every path from ``xs`` to ``y`` in the autograd graph goes through ``via``: the
+    walk back from ``y`` that does not cross ``via`` never reaches ``xs``'s AccumulateGrad
+    node (a skip connection from the input around ``via`` does)."""
+    stop = (via.grad_fn, via.output_nr)  # an edge: a node's other outputs are not ``via``
+    seen: set[object] = set()
+    todo = [(y.grad_fn, y.output_nr)]
+    while todo:
+        edge = todo.pop()
+        node = edge[0]
+        if node is None or edge == stop or node in seen:
+            continue
+        if getattr(node, "variable", None) is xs:
+            return False
+        seen.add(node)
+        todo.extend(node.next_functions)
+    return True
+
+
+def _chained(
+    y: Tensor, dims: list[int], cotangent: Tensor, link: _Link, image: bool
+) -> Measured | None:
+    """The reading of ``y`` from its gradient down to ``link``'s output only, placed on the
+    input by ``link``'s reading; None where that does not decide it as the full pass would
+    (then the full pass runs): no gradient, undecided, or positions coarser than the input's."""
+    (grad,) = torch.autograd.grad(y, link.y, cotangent, retain_graph=True, allow_unused=True)
+    if grad is None or not grad.any():
+        return None
+    grad, _ = batch_first(grad, link.layer, ROWS)  # as link's reading reads its output
+    mass = _on_positions(grad.float().abs(), link.reading)
+    try:
+        reading = _reading(y.shape[1:], dims, _follows(mass, dims), mass, image)
+    except _Undecided:
+        return None
+    return reading if _places_every_axis(reading, image) else None
+
+
+def _on_positions(mass: Tensor, m: Measured) -> Tensor:
+    """|gradient| ``mass`` of an output read as ``m``, summed over its channels, on its
+    positions: (ROWS, h, w), or (ROWS, L) for 1-D. Prefix tokens depend on no single input
+    region (a CLS token, on all of it): their mass is spread evenly over the grid."""
+    if m.tokens is not None:
+        k, h, w = m.tokens
+        rest = [d for d in range(1, mass.dim()) if d != m.cols]
+        seq = mass.sum(dim=rest)  # (ROWS, L)
+        spread = seq[:, :k].sum(1)[:, None, None] / (h * w)  # (ROWS, 1, 1)
+        return seq[:, k:].unflatten(1, (h, w)) + spread  # (ROWS, h, w)
+    positions = [m.cols] if m.rows is None else [m.rows, m.cols]
+    moved = mass.movedim(positions, list(range(1, len(positions) + 1)))  # (ROWS, *pos, ...)
+    return moved.flatten(len(positions) + 1).sum(-1)  # (ROWS, h, w) or (ROWS, L)
+
+
+def _places_every_axis(reading: Reading, image: bool) -> bool:
+    """Whether ``reading`` has more than one position along each of the input's positional
+    axes (a global pool and a 1-D reading of an image have not)."""
+    if not isinstance(reading, Measured):
+        return False
+    if reading.tokens is not None:  # a grid of at least 2 x 2 (_token_grid)
+        return image
+    sizes = [reading.shape[d - 1] for d in (reading.rows, reading.cols) if d is not None]
+    return len(sizes) == 1 + image and min(sizes) > 1
 
 
 def _follows(mass: Tensor, dims: list[int]) -> dict[int, set[int]]:
     """{output dim: the input axes (0: first positional axis, ...) along which it moves}.
 
-    ``mass``: (ROWS, *positions), row 0 the input region of the output's first quarter along
-    every dim, row 1 + i that of the same part moved to dims[i]'s last quarter. Each axis is
-    followed by the dim whose region moves furthest along it, if that is at least MIN_SHIFT. A
-    part without any gradient (dead channels) places nothing.
+    ``mass``: (ROWS, *positions), on the input or on an earlier output's positions; row 0 the
+    region of the output's first quarter along every dim, row 1 + i that of the same part moved
+    to dims[i]'s last quarter. Each axis is followed by the dim whose region moves furthest
+    along it, if that is at least MIN_SHIFT. A part without any gradient (dead channels)
+    places nothing.
     """
     total = mass.flatten(1).sum(1)  # (ROWS,)
     follows: dict[int, set[int]] = {d: set() for d in dims}
@@ -291,8 +391,10 @@ def _follows(mass: Tensor, dims: list[int]) -> dict[int, set[int]]:
         other = [a for a in range(1, mass.dim()) if a != axis]
         profile = mass.sum(dim=other) if other else mass  # (ROWS, n)
         n = profile.shape[1]
-        where = torch.arange(n, dtype=profile.dtype, device=profile.device) / max(n - 1, 1)
-        centroid = (profile * where).sum(1) / total.clamp_min(1e-30)  # (ROWS,) in [0, 1]
+        # Each position at its centre, as a fraction of the axis: pixels and the coarser cells of
+        # a chained mass alike (cell i of n covers [i / n, (i + 1) / n) of the input).
+        where = (torch.arange(n, dtype=profile.dtype, device=profile.device) + 0.5) / n
+        centroid = (profile * where).sum(1) / total.clamp_min(1e-30)  # (ROWS,) in (0, 1)
         moved = [
             float(centroid[1 + i] - centroid[0]) if total[0] and total[1 + i] else 0.0
             for i in range(len(dims))

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
 
-from fm_lightning.capture import call_model, num_rows
+from fm_lightning import probing
+from fm_lightning.capture import call_model, num_rows, resolve_layers
 from fm_lightning.layouts import Fallback, Maps, interpret
-from fm_lightning.probing import Reading, measure_layout
+from fm_lightning.probing import Reading, measure_layout, measure_layouts
 
 
 def output_of(model: nn.Module, name: str, probe: Any) -> object:
@@ -42,6 +44,27 @@ def read(model: nn.Module, name: str, probe: Any) -> tuple[Reading, Maps]:
     output = output_of(model, name, probe)
     n = num_rows(probe)
     return reading, interpret(output, module=layer, model=model, num_rows=n, reading=reading)
+
+
+def chained_and_full(
+    model: nn.Module, probe: Any, layers: list[str]
+) -> tuple[dict[str, Reading], dict[str, Reading], int]:
+    """(chained readings, full readings, how many layers the chained pass read from a backward
+    pass that stopped at an earlier layer) of ``layers`` (names or patterns) for ``probe``."""
+    modules = resolve_layers(model.eval(), layers)
+    full = measure_layouts(model, probe, modules, chain=False)
+    taken: list[Reading] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Reading:
+        reading = chained(*args, **kwargs)
+        if reading is not None:
+            taken.append(reading)
+        return reading
+
+    chained = probing._chained
+    with mock.patch.object(probing, "_chained", spy):
+        readings = measure_layouts(model, probe, modules)
+    return readings, full, len(taken)
 
 
 def on_grid(tokens: Tensor, k: int, h: int, w: int) -> Tensor:

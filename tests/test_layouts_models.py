@@ -3,6 +3,8 @@
 torchvision Swin-T and MaxVit, timm SwinV2-CR, Hugging Face Wav2Vec2, Dinov2 and BERT built
 from tiny configs. Each check compares the drawn tensor with the one built from the output by
 hand. ``FM_TODAYS_RULES=1`` reads them by the name-based rules instead (tests/measuring.py).
+Chained backward passes read every layer of these and of timm ResNet, ViT and ConvNeXt as the
+full passes do.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from measuring import on_grid, output_of, read
+from measuring import chained_and_full, on_grid, output_of, read
 
 from fm_lightning.layouts import Fallback
 
@@ -34,8 +36,8 @@ def test_torchvision_swin_t_every_stage_is_channels_last():
         assert maps.note == "measured: channels-last -> NCHW", name
 
 
-def test_maxvit_window_and_grid_attention_are_nchw():
-    model = torchvision.models.MaxVit(
+def _maxvit() -> torch.nn.Module:
+    return torchvision.models.MaxVit(
         input_size=(64, 64),
         stem_channels=8,
         partition_size=2,
@@ -45,6 +47,14 @@ def test_maxvit_window_and_grid_attention_are_nchw():
         stochastic_depth_prob=0.0,
         num_classes=10,
     )
+
+
+def _swinv2_cr() -> torch.nn.Module:
+    return timm.create_model("swinv2_cr_tiny_ns_224", img_size=(64, 64), window_size=4)
+
+
+def test_maxvit_window_and_grid_attention_are_nchw():
+    model = _maxvit()
     x = torch.randn(2, 3, 64, 64)
     names = [
         n for n, _ in model.named_modules() if n.endswith(("window_attention", "grid_attention"))
@@ -57,7 +67,7 @@ def test_maxvit_window_and_grid_attention_are_nchw():
 
 
 def test_timm_swinv2_cr_stages_are_nchw():
-    model = timm.create_model("swinv2_cr_tiny_ns_224", img_size=(64, 64), window_size=4)
+    model = _swinv2_cr()
     x = torch.randn(2, 3, 64, 64)
     for i in range(4):
         name = f"stages.{i}"
@@ -68,6 +78,10 @@ def test_timm_swinv2_cr_stages_are_nchw():
 
 @pytest.fixture(scope="module")
 def wav2vec2():
+    return _wav2vec2()
+
+
+def _wav2vec2() -> torch.nn.Module:
     config = transformers.Wav2Vec2Config(
         hidden_size=32,
         num_hidden_layers=2,
@@ -111,7 +125,7 @@ def test_wav2vec2_encoder_frames_are_a_1d_sequence_not_a_square(wav2vec2):
     )
 
 
-def test_dinov2_at_a_non_square_input_draws_its_real_4x6_grid_without_cls():
+def _dinov2() -> torch.nn.Module:
     config = transformers.Dinov2Config(
         hidden_size=32,
         num_hidden_layers=2,
@@ -120,7 +134,11 @@ def test_dinov2_at_a_non_square_input_draws_its_real_4x6_grid_without_cls():
         image_size=32,
         patch_size=8,
     )
-    model = transformers.Dinov2Model(config)
+    return transformers.Dinov2Model(config)
+
+
+def test_dinov2_at_a_non_square_input_draws_its_real_4x6_grid_without_cls():
+    model = _dinov2()
     x = torch.randn(2, 3, 32, 48)  # 4 x 6 patches + CLS; the config says 4 x 4
     for name in ("embeddings", "encoder.layer.0", "encoder.layer.1"):
         _, maps = read(model, name, x)
@@ -130,7 +148,7 @@ def test_dinov2_at_a_non_square_input_draws_its_real_4x6_grid_without_cls():
         assert maps.note.endswith("measured: tokens 4x6 +1 prefix, 32 channels"), name
 
 
-def test_bert_tokens_fall_back_to_a_sequence_with_none_dropped():
+def _bert() -> torch.nn.Module:
     config = transformers.BertConfig(
         vocab_size=100,
         hidden_size=32,
@@ -138,7 +156,11 @@ def test_bert_tokens_fall_back_to_a_sequence_with_none_dropped():
         num_attention_heads=2,
         intermediate_size=37,
     )
-    model = transformers.BertModel(config)
+    return transformers.BertModel(config)
+
+
+def test_bert_tokens_fall_back_to_a_sequence_with_none_dropped():
+    model = _bert()
     probe = {"input_ids": torch.randint(0, 100, (2, 12))}  # integer ids: no gradient to take
     reading, maps = read(model, "encoder.layer.0", probe)
     out = output_of(model, "encoder.layer.0", probe)
@@ -147,3 +169,49 @@ def test_bert_tokens_fall_back_to_a_sequence_with_none_dropped():
     assert isinstance(reading, Fallback) and not reading.image_input
     why = "no floating-point input to take gradients from"
     assert maps.note.endswith(f"fallback ({why}): sequence of 12 steps, 32 channels")
+
+
+def _timm(name: str, **kwargs: object) -> torch.nn.Module:
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+CHAINED = {  # id: (model, probe, layers, how many layers the chained pass should shortcut)
+    "swin_t": (torchvision.models.swin_t, (2, 3, 64, 96), [f"features.{i}" for i in range(8)], 7),
+    "maxvit": (_maxvit, (2, 3, 64, 64), ["blocks.*.layers.0.layers.*_attention"], 3),
+    "swinv2_cr": (_swinv2_cr, (2, 3, 64, 64), ["stages.*"], 3),
+    "wav2vec2": (
+        _wav2vec2,
+        (2, 1000),
+        ["feature_extractor.conv_layers.*", "feature_extractor", "encoder"],
+        4,
+    ),
+    "dinov2 32x48": (_dinov2, (2, 3, 32, 48), ["embeddings", "encoder.layer.*"], 2),
+    "bert": (_bert, {"input_ids": (2, 12)}, ["embeddings", "encoder.layer.*"], 0),
+    "timm resnet18": (lambda: _timm("resnet18"), (2, 3, 64, 64), ["layer*"], 3),
+    "timm vit 32x48": (
+        lambda: _timm(
+            "vit_tiny_patch16_224",
+            img_size=(32, 48),
+            patch_size=8,
+            depth=4,
+            embed_dim=48,
+            num_heads=3,
+        ),
+        (2, 3, 32, 48),
+        ["patch_embed", "blocks.*"],
+        4,
+    ),
+    "timm convnext_atto": (lambda: _timm("convnext_atto"), (2, 3, 64, 64), ["stem", "stages.*"], 4),
+}
+
+
+@pytest.mark.parametrize("case", CHAINED)
+def test_chained_readings_equal_the_full_ones(case):
+    build, shape, layers, shortcuts = CHAINED[case]
+    if isinstance(shape, dict):  # BERT's token ids
+        probe = {key: torch.randint(0, 100, size) for key, size in shape.items()}
+    else:
+        probe = torch.randn(shape)
+    readings, full, taken = chained_and_full(build(), probe, layers)
+    assert readings == full
+    assert taken == shortcuts

@@ -67,6 +67,44 @@ class LyingAudio(nn.Module):
         return self.layer(x[:, None])
 
 
+class Frames(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 8, 4, stride=4)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(self.conv(x[:, None]).transpose(1, 2))
+
+
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.conv2(self.pool(self.conv1(x))))
+
+
+class ZeroInPlace(nn.Module):
+    """Overwrites its input in place (as ReLU(inplace=True) does, but losing every position)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mul_(0).add_(x.mean(dim=(2, 3), keepdim=True).detach())
+
+
+class EditsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv0(x)
+        y = self.conv1(h)  # keeps h for its backward
+        return y + h.mul_(2).mean()
+
+
 # -------------------------------------------------------------------------------- outcomes
 
 
@@ -129,15 +167,6 @@ def test_a_1d_signal_is_drawn_as_strips_along_time():
 
 def test_a_sequence_of_49_steps_is_never_folded_into_a_square():
     # (N, T, D) frames of a 1-D signal, 49 of them: a 7 x 7 square by the old rules.
-    class Frames(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv1d(1, 8, 4, stride=4)
-            self.encoder = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.encoder(self.conv(x[:, None]).transpose(1, 2))
-
     model = Frames()
     x = torch.randn(2, 196)
     reading, act, _ = read(model, "encoder", x)
@@ -286,15 +315,6 @@ def test_measuring_leaves_modes_grads_and_flags_as_they_were():
 
 
 def test_each_call_of_a_shared_module_is_measured_on_its_own():
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-            self.pool = nn.MaxPool2d(2)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.pool(self.conv2(self.pool(self.conv1(x))))
-
     model = Shared()
     readings = measure_layouts(model, torch.randn(2, 3, 16, 24), {"pool": model.pool})
     assert readings == {
@@ -304,12 +324,6 @@ def test_each_call_of_a_shared_module_is_measured_on_its_own():
 
 
 def test_a_layer_whose_output_is_edited_in_place_later_is_measured_before_the_edit():
-    class ZeroInPlace(nn.Module):
-        """Overwrites its input in place (as ReLU(inplace=True) does, but losing every position)."""
-
-        def forward(self, x: Tensor) -> Tensor:
-            return x.mul_(0).add_(x.mean(dim=(2, 3), keepdim=True).detach())
-
     model = nn.Sequential(nn.Conv2d(3, 4, 3), ZeroInPlace(), nn.Conv2d(4, 2, 1))
     x = torch.randn(2, 3, 10, 14)
     readings = measure_layouts(model, x, {"0": model[0], "2": model[2]})
@@ -318,16 +332,6 @@ def test_a_layer_whose_output_is_edited_in_place_later_is_measured_before_the_ed
 
 
 def test_a_layer_whose_saved_input_is_edited_in_place_later_is_measured_on_its_own_pass():
-    class EditsInput(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv0, self.conv1 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
-
-        def forward(self, x: Tensor) -> Tensor:
-            h = self.conv0(x)
-            y = self.conv1(h)  # keeps h for its backward
-            return y + h.mul_(2).mean()
-
     model = EditsInput()
     readings = measure_layouts(model, torch.randn(2, 3, 10, 14), {"conv1": model.conv1})
     assert readings == {"conv1": Measured(shape=(2, 8, 12), channel=1, rows=2, cols=3)}
@@ -372,3 +376,124 @@ def test_the_callback_warns_once_naming_a_layer_it_could_not_measure(tmp_path):
     assert "layer 'ids.encoder'" in ours[0] and "layouts={'ids.encoder': " in ours[0]
     assert "no floating-point input" in ours[0]
     assert len(list((tmp_path / "ids.encoder").glob("epoch=*.png"))) == 2  # still drawn
+
+
+# ---------------------------------------------------------------- chained backward passes
+
+
+def _tiny_vit(prefix: int, seed: int = 0) -> TinyViT:
+    torch.manual_seed(seed)
+    return TinyViT(prefix)
+
+
+CHAINED = {  # id: (model, probe shape, layers, how many layers the chained pass should shortcut)
+    "nchw": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2)
+        ),
+        (2, 3, 20, 28),
+        ["0", "1", "2"],
+        2,
+    ),
+    "nhwc": (
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), ToNHWC(), nn.Linear(8, 5)),
+        (2, 3, 21, 29),
+        ["0", "1", "2"],
+        2,
+    ),
+    **{
+        f"tokens, {k} prefix": (
+            lambda k=k: TinyViT(k),
+            (2, 3, 32, 32),
+            ["patch", "norm", "block"],
+            2,
+        )
+        for k in (0, 1, 2, 4)
+    },
+    "tokens 4x10": (lambda: TinyViT(1), (2, 3, 16, 40), ["patch", "norm", "block"], 2),
+    "tokens 9x3": (lambda: _tiny_vit(1, seed=5), (2, 3, 36, 12), ["patch", "norm", "block"], 2),
+    "1-D": (
+        lambda: nn.Sequential(nn.Conv1d(2, 6, 5, stride=2), nn.ReLU(), nn.Conv1d(6, 4, 3)),
+        (2, 2, 100),
+        ["0", "1", "2"],
+        2,
+    ),
+    "frames": (Frames, (2, 196), ["conv", "encoder"], 1),
+    "lying audio": (LyingAudio, (2, 64), ["layer.0", "layer"], 1),
+    "channel norm": (
+        lambda: nn.Sequential(nn.Conv2d(3, 6, 3), ChannelNorm(6)),
+        (2, 3, 14, 18),
+        ["0", "1"],
+        1,
+    ),
+    "global pool": (  # a pool has no positions to chain through: measured the full way
+        lambda: nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        (2, 3, 12, 12),
+        ["0", "1", "2"],
+        0,
+    ),
+    "shared pool": (Shared, (2, 3, 16, 24), ["conv1", "pool", "conv2"], 3),
+    "edited in place": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), ZeroInPlace(), nn.Conv2d(4, 2, 1)),
+        (2, 3, 10, 14),
+        ["0", "2"],
+        0,
+    ),
+    "saved input edited": (EditsInput, (2, 3, 10, 14), ["conv0", "conv1"], 0),
+    "detached": (Detached, (2, 3, 10, 10), ["conv", "side"], 0),
+}
+
+
+@pytest.mark.parametrize("case", CHAINED)
+def test_chained_readings_equal_the_full_ones(case):
+    build, shape, layers, shortcuts = CHAINED[case]
+    readings, full, taken = measuring.chained_and_full(build(), torch.randn(shape), layers)
+    assert readings == full
+    assert taken == shortcuts
+
+
+class Bypass(nn.Module):
+    """``late`` sees ``early``'s maps transposed (and faint) and the input itself: the skip
+    around ``early`` decides where ``late``'s positions lie."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.early, self.late = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(7, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, 3, 12, 12)
+        transposed = self.early(x).transpose(2, 3) * 0.01  # (N, 4, W, H)
+        return self.late(torch.cat([transposed, x], dim=1))
+
+
+def test_a_skip_from_the_input_around_a_measured_layer_is_measured_the_full_way():
+    readings, full, taken = measuring.chained_and_full(
+        Bypass(), torch.randn(2, 3, 12, 12), ["early", "late"]
+    )
+    assert readings["late"] == Measured(shape=(4, 12, 12), channel=1, rows=2, cols=3)
+    assert readings == full and taken == 0
+
+
+class Unshuffled(nn.Module):
+    """``coarse`` folds each 2 x 2 block of pixels into channels (PixelUnshuffle); ``tokens`` are
+    the pixels again, unfolded: a grid finer than ``coarse``'s positions, behind a CLS token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.coarse = nn.Conv2d(3, 4, 1), nn.PixelUnshuffle(2)
+        self.cls, self.tokens = nn.Parameter(torch.randn(1, 1, 4)), nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, 3, 16, 16)
+        fine = nn.functional.pixel_shuffle(self.coarse(self.conv(x)), 2)  # (N, 4, 16, 16)
+        t = fine.flatten(2).transpose(1, 2)  # (N, 256, 4)
+        return self.tokens(torch.cat([self.cls.expand(len(t), -1, -1), t], dim=1))
+
+
+def test_a_token_grid_finer_than_the_layer_chained_to_is_measured_the_full_way():
+    # On coarse's 8 x 8 positions no grid of at least half the 257 tokens holds the last token's
+    # region alone: chained, they would be read as 1-D. Only the full pass sees the pixels.
+    readings, full, taken = measuring.chained_and_full(
+        Unshuffled(), torch.randn(2, 3, 16, 16), ["coarse", "tokens"]
+    )
+    assert readings["coarse"] == Measured(shape=(16, 8, 8), channel=1, rows=2, cols=3)
+    assert readings["tokens"].tokens == (1, 16, 16)
+    assert readings == full and taken == 0
