@@ -237,16 +237,18 @@ def examples_grid(
         )
     crops = result.crops.cpu().float()  # (Cd, k, Cin, h, w)
     cd, k, cin, h, w = crops.shape
-    crops = crops[:, :, :3] if cin == 3 else crops[:, :, :1].expand(-1, -1, 3, -1, -1)
+    # RGB, or grey from the first channel, kept at 1 channel until the colours are blended in
+    # (the layer grids of a large receptive field hold millions of values).
+    crops = crops[:, :, :3] if cin == 3 else crops[:, :, :1]  # (Cd, k, 3 | 1, h, w)
     pad = crops.isnan()  # outside the input
     # One range for the layer: normalize_maps over a single "image" holding every crop.
-    rgb = normalize_maps(crops.reshape(1, -1, h, w), "layer").view(cd, k, 3, h, w)
+    rgb = normalize_maps(crops.reshape(1, -1, h, w), "layer").view(crops.shape)
     if overlay:
         heat = colorize(
             normalize_maps(result.overlays.cpu().float(), "layer"), cmap
         )  # (Cd, k, 3, h, w)
         rgb = (1 - _OVERLAY_ALPHA) * rgb + _OVERLAY_ALPHA * heat
-    rgb = rgb.masked_fill(pad, _OUTSIDE)
+    rgb = rgb.masked_fill(pad, _OUTSIDE).expand(cd, k, 3, h, w)
     empty = result.indices.cpu() < 0  # (Cd, k)
     rgb = rgb.masked_fill(empty[:, :, None, None, None].expand_as(rgb), _OUTSIDE)
     tiles = rgb.mul(255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()  # (Cd, k, h, w, 3)
