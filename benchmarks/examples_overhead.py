@@ -27,7 +27,9 @@ Targets (issues 9 and 16):
        TopKExamples.pool_bytes plus one batch's candidates.
     4. process RSS flat over 30 captured epochs (tiny epochs: 2 training and 4 validation
        batches), read after gc.collect() at the end of each validation: its growth after a
-       warm-up with examples=9 no larger than the span of the same run with examples=0.
+       warm-up with examples=9 no larger than the span of the same run with examples=0. Each
+       run is a fresh process with glibc's mmap threshold fixed at 64 KiB, so the readings
+       follow what is alive, not the heap's history (see rss_in_child).
 
 Where the time goes is measured directly too: the seconds spent in the examples' own code
 (the per-batch hook: reading maps and TopKExamples.update; the receptive field; the merge; the
@@ -38,7 +40,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -70,6 +76,8 @@ parser.add_argument("--resnet-images", type=int, default=2000, help="resnet18 va
 parser.add_argument("--captures", type=int, default=30, help="captured epochs in the RSS check")
 parser.add_argument("--warmup", type=int, default=5, help="captured epochs before RSS is judged")
 parser.add_argument("--seed", type=int, default=42)
+# Internal: run section 4's fit with this many examples and print its RSS readings as JSON.
+parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
 args = parser.parse_args()
 
 device = common.pick_device(args.device)
@@ -90,6 +98,55 @@ def new_callback(examples: int, layers: list[str] = LAYERS) -> FeatureMapCallbac
 def new_model() -> ImageClassifier:
     torch.manual_seed(args.seed)
     return ImageClassifier(SimpleCNN())
+
+
+# -----------------------------------------------------------------------------
+# 4.'s measurement, run in a fresh subprocess per contender (see rss_in_child)
+
+
+def rss_over_epochs(examples: int) -> list[int]:
+    readings: list[int] = []
+
+    class Reader(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                gc.collect()
+                readings.append(common.rss_bytes())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = common.quiet_trainer(
+            tmp,
+            [new_callback(examples), Reader()],
+            device=device,
+            max_epochs=args.captures,
+            limit_train_batches=2,
+            limit_val_batches=4,
+        )
+        trainer.fit(new_model(), datamodule=dm)
+    return readings
+
+
+# glibc moves its mmap threshold up to the largest block freed, so multi-MiB blocks freed once
+# (the candidate pools, each validation) come back from the heap and RSS steps with the
+# process's history; a fixed threshold makes RSS follow what is alive (as capture_cost.py's
+# memory children run).
+_RSS_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**10), "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def rss_in_child(examples: int) -> list[int]:
+    """rss_over_epochs(examples) in a fresh process of this script, under _RSS_CHILD_ENV."""
+    cmd = [sys.executable, *sys.argv, f"--rss-child={examples}"]
+    proc = subprocess.run(
+        cmd, env={**os.environ, **_RSS_CHILD_ENV}, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"RSS subprocess (examples={examples}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if args.rss_child is not None:  # the child: only the measurement, printed as JSON
+    print(json.dumps(rss_over_epochs(args.rss_child)))
+    raise SystemExit(0)
 
 
 class ValidationClock(pl.Callback):
@@ -291,31 +348,9 @@ pool_ok = all(pool_peak.get(slots, 0) <= most for slots, (_, most) in pool_bound
 # 4. RSS over many captured epochs
 
 
-def rss_over_epochs(examples: int) -> list[int]:
-    readings: list[int] = []
-
-    class Reader(pl.Callback):
-        def on_validation_end(self, trainer, pl_module):
-            if not trainer.sanity_checking:
-                gc.collect()
-                readings.append(common.rss_bytes())
-
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = common.quiet_trainer(
-            tmp,
-            [new_callback(examples), Reader()],
-            device=device,
-            max_epochs=args.captures,
-            limit_train_batches=2,
-            limit_val_batches=4,
-        )
-        trainer.fit(new_model(), datamodule=dm)
-    return readings
-
-
 print(f"\n[4] RSS after each of {args.captures} captured epochs (judged after {args.warmup})")
-rss = {"off (before)": rss_over_epochs(0), "examples": rss_over_epochs(args.examples)}
-rss["off (after)"] = rss_over_epochs(0)
+rss = {"off (before)": rss_in_child(0), "examples": rss_in_child(args.examples)}
+rss["off (after)"] = rss_in_child(0)
 for name, xs in rss.items():
     judged = xs[args.warmup :]
     print(
