@@ -122,7 +122,7 @@ from fm_lightning.pictures import Picture
 from fm_lightning.pictures.cam import cam_picture, resolve_cam_layer
 from fm_lightning.pictures.examples import ExampleStream, examples_caption, examples_grid
 from fm_lightning.pictures.maps import MapsKind, maps_caption
-from fm_lightning.probing import measure_layout, measure_layouts
+from fm_lightning.probing import Reading, measure_layouts
 from fm_lightning.publishing import save_pictures
 from fm_lightning.text import stamp
 from fm_lightning.topk import MAX_EXAMPLES, ExamplesResult
@@ -167,6 +167,7 @@ def top_examples(
     k: int,
     max_channels: int,
     channels: Mapping[str, Tensor] | None = None,
+    readings: Mapping[str, Reading] | None = None,
     batch_size: int = EXAMPLES_BATCH,
 ) -> tuple[dict[str, ExamplesResult], dict[str, str]]:
     """Each drawn channel's top-k of ``images``, streamed as FeatureMapCallback streams a
@@ -180,18 +181,43 @@ def top_examples(
         k: examples per channel.
         max_channels: channels kept per layer when ``channels`` does not name them.
         channels: ``{layer: (Cd,) channel indices}``, the channels the grids draw.
+        readings: the layers' measured layouts (:func:`fm_lightning.probing.measure_layouts`);
+            those missing are measured on the first batch.
 
     Returns:
         ``({layer: result}, {layer: why it has no examples})``.
     """
     k = min(k, len(images))  # no more slots than inputs
-    stream = ExampleStream(model, modules, k=k, max_channels=max_channels, channels=channels)
+    stream = ExampleStream(
+        model,
+        modules,
+        k=k,
+        max_channels=max_channels,
+        channels=channels,
+        readings=dict(readings or {}),
+    )
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size]  # (B, C, H, W)
             with stream.batch(x, torch.arange(start, start + len(x))):
                 model(x)
     return {layer: topk.result() for layer, topk in stream.topk.items()}, dict(stream.errors)
+
+
+def _cam_layer(model: nn.Module, args: argparse.Namespace) -> tuple[str, nn.Module] | None:
+    """``--cam-layer``'s ``(name, module)`` in ``model``, or None for torchcam's choice."""
+    try:
+        return resolve_cam_layer(model, args.cam_layer, "--cam-layer")
+    except ValueError as err:
+        raise _cam_error(args, err) from None
+
+
+def _cam_error(args: argparse.Namespace, err: ValueError) -> VisualizeError:
+    at = f" at --cam-layer {args.cam_layer}" if args.cam_layer else ""
+    return VisualizeError(
+        f"--cam {args.cam}{at}: {err}. Pass a --cam-layer with (N, C, h, w) maps, "
+        "such as a conv layer or block."
+    )
 
 
 def _predictions(logits: Tensor) -> str:
@@ -552,13 +578,16 @@ def _draw(
     for variant, model in nets.variants.items():
         caption_of = captions.setdefault(variant, {})
         modules = resolve_layers(model, args.layers)
+        cam_layer = _cam_layer(model, args) if args.cam else None
+        # One measuring pass for every layer read here: the maps', the CAM's and the examples'.
+        readings = measure_layouts(model, x, dict([*modules.items(), *filter(None, [cam_layer])]))
         captured, logits = capture(
             model,
             x,
             modules,
             max_channels=args.max_channels,
             order=args.order,
-            readings=measure_layouts(model, x, modules),
+            readings=readings,
             stats=False,
         )
         folders = distinct_path_parts([*folders, *captured, *modules], RESERVED_NAMES)
@@ -573,18 +602,13 @@ def _draw(
             pictures[f"{folders[layer]}/{variant}.png"] = grid
             caption_of[folders[layer]] = f"{what[variant]}: {maps_caption(cap)}"
         if args.cam:
+            reading = None if cam_layer is None else readings.get(cam_layer[0])
             try:
-                layer = resolve_cam_layer(model, args.cam_layer, "--cam-layer")
-                reading = None if layer is None else measure_layout(model, layer[1], x)
                 grid, caption, _ = cam_picture(
-                    model, x, args.cam, layer, reading, targets, cmap=args.cmap
+                    model, x, args.cam, cam_layer, reading, targets, cmap=args.cmap
                 )
             except ValueError as err:
-                at = f" at --cam-layer {args.cam_layer}" if args.cam_layer else ""
-                raise VisualizeError(
-                    f"--cam {args.cam}{at}: {err}. Pass a --cam-layer with (N, C, h, w) maps, "
-                    "such as a conv layer or block."
-                ) from None
+                raise _cam_error(args, err) from None
             pictures[f"{CAM_DIR}/{variant}.png"] = grid.numpy()
             lines.append(f"{what[variant]} {caption}")
             caption_of[CAM_DIR] = f"{what[variant]}: {caption}"
@@ -592,7 +616,7 @@ def _draw(
             # The channels the grids draw, as the callback keeps examples for its maps' channels.
             drawn = {key: c.channels for key, c in captured.items() if c.channels is not None}
             results, errors = top_examples(
-                model, modules, test_x, args.examples, args.max_channels, drawn
+                model, modules, test_x, args.examples, args.max_channels, drawn, readings
             )
             for layer, error in errors.items():
                 note(f"{layer} has no examples: {error}")
