@@ -399,7 +399,9 @@ class FeatureMapCallback(Callback):
             validation_inputs=schedule.validation_inputs(trainer),
             validation_order=schedule.validation_order(trainer) if self.similarity else None,
             num_images=self.num_images,
-            shared_probe=lambda: self._probe.shared(broadcast, pl_module.device, self._failures),
+            shared_probe=functools.partial(
+                self._probe.share_assembled, broadcast, pl_module.device, self._failures
+            ),
             warn=self._failures.warn,
             warn_once=self._failures.warn_once,
             fail=self._failures.fail,

@@ -4,7 +4,7 @@
     probe.add(inputs, targets)            # each validation batch, until it holds num_images rows
     x = probe.assemble()                  # the rows so far as one input (a short probe), or None
     x = probe.share(strategy.broadcast, device)   # rank zero's probe on every rank, or None
-    x = probe.shared(broadcast, device, failures)  # assembled first, failures said (the callback's)
+    x = probe.share_assembled(broadcast, device, failures)  # assemble, then share (the callback)
 
 The probe is what the model is called with (a Tensor, tuple or dict of (N, ...) tensors; see
 :func:`fm_lightning.capture.call_model`), with the batches' true classes when they have them. It
@@ -79,7 +79,7 @@ class Probe:
         self.inputs, self.targets = to_device(shared, device)
         return self.inputs
 
-    def shared(
+    def share_assembled(
         self, broadcast: Callable[[Any], Any], device: torch.device, failures: Failures
     ) -> Any:
         """:meth:`share` of this rank's rows, assembled first (a collective: every rank calls it).
