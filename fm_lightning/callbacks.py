@@ -17,6 +17,9 @@ then the probe goes through the model once more (``fm_lightning.capture``, layou
 local files (``fm_lightning.publishing``). This class is the lifecycle and the policy: nothing
 here can stop training (``fm_lightning.failures``: a failure warns once per cause and the run
 goes on; ``strict=True`` raises instead).
+
+Why over ~350 lines: the class docstring is the arguments' reference, which LightningCLI's
+``--help`` prints beside each argument; the code is the hooks and the policy.
 """
 
 from __future__ import annotations
@@ -60,9 +63,8 @@ class FeatureMapCallback(Callback):
 
     Args:
         layers: names from ``model.named_modules()`` or glob patterns (``"conv*"``,
-            ``"layer1.*.conv1"``, ``"**.fc1"``), relative to the LightningModule; see
-            :func:`fm_lightning.capture.resolve_layers`. Resolved when fitting starts, after
-            ``configure_model()``, so layers built there can be named too.
+            ``"layer1.*.conv1"``, ``"**.fc1"``), resolved when fitting starts, after
+            ``configure_model()`` (:func:`fm_lightning.capture.resolve_layers`).
         every_n_epochs: draw the last validation of epochs n-1, 2n-1, ... (Lightning's count),
             as ``epoch=N``; in a step-based fit (an int or time ``val_check_interval``, or
             ``check_val_every_n_epoch=None``) every validation of those epochs, as ``step=N``
@@ -85,12 +87,10 @@ class FeatureMapCallback(Callback):
             being one of :data:`fm_lightning.layouts.LAYOUTS` or a function ``output tensor ->
             (N, C, H, W) or (N, F)``, e.g. ``{"blocks.*": "tokens"}``.
         log_stats: also log per-layer mean, std, fraction of zeros and dead channels as scalars.
-        examples: top examples per drawn channel (0: off, at most 100; no more than the
-            validation set holds are kept): on a captured epoch,
-            the validation inputs that excite each channel the maps draw most, cropped to its
-            receptive field, and the channels dead over the whole validation set
-            (:mod:`fm_lightning.pictures.examples`; with ``order="activation"`` under DDP and no
-            sanity check, epoch 0's rows are the first channels: no probe exists yet).
+        examples: k, 0 (off) to 100: on a captured epoch, the k validation inputs that excite
+            each drawn channel most, cropped to its receptive field, and the channels dead over
+            the whole validation set (:mod:`fm_lightning.pictures.examples`, which says what
+            ``order="activation"`` under DDP draws at epoch 0).
         dead_warn: warn once per crossing when a layer's fraction of channels dead over the
             whole validation set exceeds this (needs ``examples``); None: never.
         cam: a torchcam method (:data:`fm_lightning.cam.CAM_METHODS`, any case, ``++`` for
@@ -102,11 +102,9 @@ class FeatureMapCallback(Callback):
         target_fn: ``batch -> (N,) true classes`` for the CAM's true-class maps. Default: the
             second element of an ``(x, y)`` batch, or a ``"label(s)"``/``"target(s)"``/``"y"``
             key of a dict batch, when it holds N integer classes.
-        similarity: n >= 2 validation inputs (the first n in dataset order: the same every
-            epoch and run) compared by linear CKA; 0: off. Logs
-            ``feature_similarity/<layer>/to_previous`` and ``/to_first``, draws a layer x layer
-            heatmap, keeps the centred Grams (``similarity/<frame>.pt``) for ``python -m
-            fm_lightning.similarity`` (:mod:`fm_lightning.pictures.similarity`).
+        similarity: n >= 2: the layers' linear CKA on the first n validation inputs in dataset
+            order, to the previous and first captured epoch, and layer x layer; 0: off
+            (:mod:`fm_lightning.pictures.similarity`; ``python -m fm_lightning.similarity``).
         name: tells two FeatureMapCallbacks in one Trainer apart: their checkpoint state and
             their default directory (``feature_maps_<name>``).
         strict: raise on failures instead of warning once and carrying on.
@@ -429,16 +427,5 @@ class FeatureMapCallback(Callback):
                 continue  # inputs that could not be read: only what was captured is drawn
             drawn.add(kind.draw(run, shot))
         title = os.path.dirname(self.local_dir) or "feature maps"
-        frame = shot.frame
-        local = LocalRun(
-            root=self.local_dir,
-            epoch=frame.epoch,
-            stats=drawn.stats,
-            dead=drawn.dead,
-            title=title,
-            step=frame.step,
-            similarity=drawn.similarity,
-        )
-        publish(
-            trainer.loggers, drawn.pictures, drawn.scalars, shot.step, local, self._failures.fail
-        )
+        local = LocalRun(self.local_dir, shot.frame.epoch, title, shot.frame.step)
+        publish(trainer.loggers, drawn, shot.step, local, self._failures.fail)

@@ -1,8 +1,8 @@
 """One path for every picture the callback makes: each of the Trainer's loggers, PNGs, the gallery.
 
-    pictures = [Picture("feature_maps/conv1", "conv1/epoch=003.png", grid, "epoch 3, channels 0-7")]
-    local = LocalRun(root, epoch=3, stats=stats)      # PNGs, stats.json and index.html under root
-    publish(trainer.loggers, pictures, scalars, step=120, local=local, on_error=warn)
+    drawn = Drawn([Picture("feature_maps/conv1", "conv1/epoch=003.png", grid, "epoch 3, ch 0-7")])
+    local = LocalRun(root, epoch=3)       # PNGs, stats.json and index.html (drawn.stats...) there
+    publish(trainer.loggers, drawn, step=120, local=local, on_error=warn)
     publish_gifs(trainer.loggers, root, step=600, on_error=warn)     # at the end of fit
     folders = layer_folders(["conv1", "cam"], warn_once)   # {"conv1": "conv1", "cam": "cam~2"}
 
@@ -35,7 +35,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,34 +52,28 @@ from lightning.pytorch.loggers import (
 
 from fm_lightning import gallery
 from fm_lightning.files import distinct_path_parts, safe_path_part, save_png
-from fm_lightning.pictures import Picture
+from fm_lightning.pictures import Drawn, Picture
 
 OnError = Callable[[str, Exception], None]
 
 
 @dataclass(frozen=True)
 class LocalRun:
-    """Where and under which epoch the local copies go, and what the gallery shows beside them."""
+    """Where and under which epoch (and gallery title) the local copies go."""
 
     root: str
     epoch: int
-    stats: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # {folder: {stat: v}}
-    dead: Mapping[str, Mapping[int, int]] = field(default_factory=dict)  # {folder: {ch: since}}
     title: str = "feature maps"
     step: int | None = None  # the frame's step, in a fit whose validations are step-based
-    # {layer: {"to_previous": CKA, "to_first": CKA}}, None where there is none (gallery panel)
-    similarity: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
 
 
 def publish(
-    loggers: Sequence[Logger],
-    pictures: Sequence[Picture],
-    scalars: Mapping[str, float],
-    step: int,
-    local: LocalRun | None,
-    on_error: OnError,
+    loggers: Sequence[Logger], drawn: Drawn, step: int, local: LocalRun | None, on_error: OnError
 ) -> None:
-    """Hand ``pictures`` and ``scalars`` to every logger, then write them under ``local.root``."""
+    """Hand ``drawn``'s pictures and scalars to every logger, then write them under
+    ``local.root`` with what the gallery shows beside them (its stats, dead channels and
+    similarity)."""
+    pictures, scalars = drawn.pictures, drawn.scalars
     for logger in loggers:
         try:
             if isinstance(logger, WandbLogger):
@@ -101,11 +95,11 @@ def publish(
         gallery.append_stats(
             local.root,
             local.epoch,
-            dict(local.stats),
+            drawn.stats,
             captions=captions,
-            dead=dict(local.dead),
+            dead=drawn.dead,
             step=local.step,
-            similarity=dict(local.similarity),
+            similarity=drawn.similarity,
         )
         gallery.write_index(local.root, title=local.title)
     except Exception as err:

@@ -29,9 +29,9 @@ def handed(monkeypatch) -> list[tuple[int, publishing.Picture]]:
     """(step, picture) of every picture the callback hands to publish, on its way to it."""
     record: list[tuple[int, publishing.Picture]] = []
 
-    def recording_publish(loggers, pictures, scalars, step, *args, **kwargs):
-        record.extend((step, pic) for pic in pictures)
-        return publishing.publish(loggers, pictures, scalars, step, *args, **kwargs)
+    def recording_publish(loggers, drawn, step, *args, **kwargs):
+        record.extend((step, pic) for pic in drawn.pictures)
+        return publishing.publish(loggers, drawn, step, *args, **kwargs)
 
     monkeypatch.setattr(callbacks, "publish", recording_publish)
     return record
@@ -198,9 +198,10 @@ def test_a_local_run_hands_similarity_and_its_heatmap_to_the_gallery(tmp_path):
         )
     ]
     similarity = {"conv1": {"to_previous": 0.9, "to_first": None}}
-    local = publishing.LocalRun(str(tmp_path), epoch=1, similarity=similarity)
+    drawn = publishing.Drawn(pictures, similarity=similarity)
+    local = publishing.LocalRun(str(tmp_path), epoch=1)
     errors = []
-    publishing.publish([], pictures, {}, step=10, local=local, on_error=lambda *e: errors.append(e))
+    publishing.publish([], drawn, step=10, local=local, on_error=lambda *e: errors.append(e))
     assert errors == []
     entry = load_stats(tmp_path / "stats.json")["history"][0]
     assert entry["similarity"] == similarity and entry["captions"] == {"similarity": "CKA e1"}

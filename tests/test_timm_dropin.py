@@ -34,9 +34,9 @@ def published(monkeypatch) -> list[publishing.Picture]:
     """Every picture the callback hands to its loggers, recorded on its way to the real publish."""
     pictures: list[publishing.Picture] = []
 
-    def recording_publish(loggers, pics, *args, **kwargs):
-        pictures.extend(pics)
-        return publishing.publish(loggers, pics, *args, **kwargs)
+    def recording_publish(loggers, drawn, *args, **kwargs):
+        pictures.extend(drawn.pictures)
+        return publishing.publish(loggers, drawn, *args, **kwargs)
 
     monkeypatch.setattr(callbacks, "publish", recording_publish)
     return pictures

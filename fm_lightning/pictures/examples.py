@@ -14,7 +14,9 @@ drawn channel (the channels the maps draw) the inputs that excite it most
 (:class:`DeadChannels`, kept across epochs). Inputs are told apart by content
 (:func:`fm_lightning.topk.content_ids`), whatever sampler gave them to a rank: DistributedSampler's
 strided shards padded with the first inputs again, a custom one, each rank its own data. So all
-ranks' candidates merge as one process's would, and an input seen twice counts once.
+ranks' candidates merge as one process's would, and an input seen twice counts once. At most as
+many examples as the validation set holds are kept. With ``order="activation"`` under DDP and no
+sanity check, epoch 0's rows are the first channels: no probe exists yet to choose them.
 """
 
 from __future__ import annotations
